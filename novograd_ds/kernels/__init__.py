@@ -1,0 +1,125 @@
+"""Elementwise kernels of NovoGrad, one module per backend.
+
+NOTE: [the kernel seam] Every backend implements the same two operations, and nothing else:
+
+``sq_norms(grads) -> Tensor[len(grads)]``
+    ``sum(g * g)`` of each tensor, accumulated in fp32 (fp64 when the gradient is fp64), whatever the
+    gradient dtype. This is the *local* part of a layer's squared norm; under ZeRO a layer's segments are
+    summed per layer and all-reduced by the caller before the second moment is updated.
+
+``update_(params, grads, exp_avgs, denoms, *, lr, beta1, grad_scale, weight_decay, decoupled)``
+    for every tensor ``i``, with ``d = denoms[i]`` (the already computed ``sqrt(v) + eps``)::
+
+        gh = g / d
+        gh = gh + weight_decay * w          unless decoupled
+        m  = beta1 * m + grad_scale * gh
+        w  = w - lr * m                     decoupled: w = w - lr * (m + weight_decay * w), w before the step
+
+    ``beta1``/``grad_scale`` are the *step-dependent* factors computed once in Python by
+    :func:`novograd_ds.optimizer.step_factors` (``0``/``1`` on a tensor's first step), so kernels never
+    see the step count and hold no state.
+
+Each backend also has segment forms (``sq_norms_segments`` / ``update_segments_``) that work on one flat
+tensor cut into ``(offset, length, layer)`` segments; the defaults in :class:`KernelBackend` build views and
+call the list forms. A native backend overrides them with one call.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class KernelBackend:
+    """Base class of a backend. Subclasses implement :meth:`sq_norms` and :meth:`update_`."""
+
+    name = "abstract"
+
+    def sq_norms(self, grads: Sequence[Tensor]) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update_(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        denoms: Tensor,
+        *,
+        lr: float,
+        beta1: float,
+        grad_scale: float,
+        weight_decay: float,
+        decoupled: bool,
+    ) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # -- segment forms (one flat tensor, many layers) -------------------------------------------
+    def sq_norms_segments(self, flat_grad: Tensor, segments: "SegmentTable", n_layers: int) -> Tensor:
+        """Per-layer partial ``sum(g*g)`` over this tensor's segments; layers with no segment get 0."""
+        acc = torch.float64 if flat_grad.dtype == torch.float64 else torch.float32
+        out = torch.zeros(n_layers, dtype=acc, device=flat_grad.device)
+        if len(segments):
+            views = segments.views(flat_grad)
+            out.index_add_(0, segments.layer_index(flat_grad.device), self.sq_norms(views).to(acc))
+        return out
+
+    def update_segments_(
+        self,
+        flat_param: Tensor,
+        flat_grad: Tensor,
+        flat_exp_avg: Tensor,
+        segments: "SegmentTable",
+        layer_denoms: Tensor,
+        **scalars,
+    ) -> None:
+        """:meth:`update_` on every segment, each divided by its layer's denominator."""
+        if not len(segments):
+            return
+        denoms = layer_denoms.index_select(0, segments.layer_index(layer_denoms.device))
+        self.update_(
+            segments.views(flat_param),
+            segments.views(flat_grad),
+            segments.views(flat_exp_avg),
+            denoms,
+            **scalars,
+        )
+
+
+class SegmentTable:
+    """Which elements of one flat tensor belong to which layer: rows of ``(offset, length, layer)``.
+
+    Segments are disjoint and lie inside the flat tensor; elements covered by no segment (ZeRO padding,
+    alignment gaps) are never read or written by a kernel.
+    """
+
+    def __init__(self, offsets: Sequence[int], lengths: Sequence[int], layers: Sequence[int]):
+        if not (len(offsets) == len(lengths) == len(layers)):
+            raise ValueError("SegmentTable: offsets, lengths and layers must have the same length")
+        self.offsets = [int(o) for o in offsets]
+        self.lengths = [int(n) for n in lengths]
+        self.layers = [int(k) for k in layers]
+        self._index_cache: dict[torch.device, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"({o}, {n}, {k})" for o, n, k in zip(self.offsets, self.lengths, self.layers))
+        return f"SegmentTable[(offset, length, layer): {rows}]"
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [flat.narrow(0, o, n) for o, n in zip(self.offsets, self.lengths)]
+
+    def layer_index(self, device) -> Tensor:
+        device = torch.device(device)
+        idx = self._index_cache.get(device)
+        if idx is None:
+            idx = torch.tensor(self.layers, dtype=torch.long, device=device)
+            self._index_cache[device] = idx
+        return idx
+
+    def as_tensor(self) -> Tensor:
+        """``int64 [n_segments, 3]`` on the CPU, the form native ops take."""
+        return torch.tensor(list(zip(self.offsets, self.lengths, self.layers)), dtype=torch.int64).reshape(-1, 3)

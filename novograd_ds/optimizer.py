@@ -1,0 +1,299 @@
+r"""NovoGrad: stochastic gradient normalised by layer-wise adaptive second moments.
+
+NOTE: [the update rule] This is the contract every backend implements. For each parameter tensor ("layer")
+with gradient ``g`` at that tensor's ``k``-th update (``k`` counts per tensor, from 1)::
+
+    n  = sum(g*g)                         accumulated in fp32 or wider, whatever the grad dtype
+    v  = n                                if k == 1
+    v  = b2*v + (1-b2)*n                  otherwise
+       (amsgrad: vmax = v if k == 1 else max(vmax, v); use vmax in place of v below)
+    gh = g / (sqrt(v) + eps)              eps outside the root
+    gh = gh + wd*w                        unless decoupled_weight_decay
+    m  = gh                               if k == 1   (bias-free initialisation, also with grad_averaging)
+    m  = b1*m + c*gh                      otherwise; c = (1-b1) with grad_averaging, else 1
+    w  = w - lr*m                         decoupled_weight_decay: w = w - lr*(m + wd*w), w before the step
+
+The class only keeps books (validation, state, choosing a backend); the per-layer scalar math is in
+:func:`step_factors` and :func:`second_moment_`, the per-element math in ``novograd_ds/kernels``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .kernels import KernelBackend
+from .kernels.foreach import ForeachBackend
+from .kernels.reference import ReferenceBackend
+
+logger = logging.getLogger("novograd_ds")
+
+__all__ = ["NovoGrad", "step_factors", "second_moment_"]
+
+# State keys. These names are what DeepSpeed's checkpoint tools understand (DEEPSPEED_NOTES §5.3).
+STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"
+_LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
+
+BACKENDS = ("reference", "foreach", "fused")
+
+
+def step_factors(k: int, beta1: float, beta2: float, grad_averaging: bool) -> tuple[float, float, float, float]:
+    """The step-dependent scalars ``(a1, c1, a2, c2)`` of ``m = a1*m + c1*gh`` and ``v = a2*v + c2*n``.
+
+    Computed once in Python (double precision) and passed to every backend, so kernels never see ``k``.
+    On a tensor's first step ``(0, 1, 0, 1)``: ``m = gh`` and ``v = n``.
+    """
+    if k <= 1:
+        return 0.0, 1.0, 0.0, 1.0
+    return beta1, (1.0 - beta1) if grad_averaging else 1.0, beta2, 1.0 - beta2
+
+
+def second_moment_(v: Tensor, n: Tensor, vmax: Optional[Tensor], *, a2: float, c2: float, eps: float) -> Tensor:
+    """Update the per-layer second moments in place and return the denominators ``sqrt(v) + eps``.
+
+    ``v``, ``n`` (and ``vmax``) are 1-D, one entry per layer, fp32 or fp64. With amsgrad ``vmax`` is
+    updated to ``max(vmax, v)`` and used in place of ``v`` (on a first step ``vmax`` is 0, so it becomes v).
+    """
+    v.mul_(a2).add_(n.to(v.dtype), alpha=c2)
+    used = v
+    if vmax is not None:
+        torch.maximum(vmax, v, out=vmax)
+        used = vmax
+    return used.sqrt().add_(eps)
+
+
+def _check_hparams(lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, Tensor):
+        raise ValueError("NovoGrad: lr must be a Python float, not a tensor (got a tensor); pass float(lr)")
+    if not lr >= 0.0:
+        raise ValueError(f"NovoGrad: invalid learning rate lr={lr}; it must be >= 0")
+    if not eps >= 0.0:
+        raise ValueError(f"NovoGrad: invalid eps={eps}; it must be >= 0")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"NovoGrad: invalid weight_decay={weight_decay}; it must be >= 0")
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"NovoGrad: betas must be a pair (beta1, beta2), got betas={betas!r}") from None
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"NovoGrad: invalid beta1={b1} in betas={tuple(betas)}; it must be in [0, 1)")
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"NovoGrad: invalid beta2={b2} in betas={tuple(betas)}; it must be in [0, 1)")
+
+
+def _check_param(p: Tensor) -> None:
+    if p.is_complex():
+        raise ValueError(
+            f"NovoGrad does not support complex parameters (got a {p.dtype} tensor of shape {tuple(p.shape)}); "
+            "optimise torch.view_as_real(p) instead"
+        )
+    if not p.is_floating_point():
+        raise ValueError(f"NovoGrad needs floating-point parameters, got {p.dtype} of shape {tuple(p.shape)}")
+
+
+class NovoGrad(Optimizer):
+    r"""NovoGrad (Ginsburg et al., 2019): momentum on gradients normalised by a per-layer second moment.
+
+    One second moment ``v`` per parameter tensor (a scalar, the EMA of the tensor's squared gradient norm)
+    instead of Adam's per-element one, so optimizer state is about half of Adam's. The gradient is
+    normalised *before* the momentum, and weight decay is added to the normalised gradient. See
+    NOTE: [the update rule] at the top of this module for the exact math.
+
+    Args:
+        params: iterable of parameters or of param-group dicts (each group may override any hyperparameter).
+        lr: learning rate.
+        betas: ``(beta1, beta2)``: momentum and second-moment decay, each in ``[0, 1)``.
+        eps: added to ``sqrt(v)`` (outside the root).
+        weight_decay: L2 factor added to the normalised gradient (or, decoupled, to the step).
+        grad_averaging: scale the normalised gradient by ``1 - beta1`` in the momentum (not on step 1).
+        amsgrad: use the running maximum of ``v``.
+        decoupled_weight_decay: ``w -= lr * (m + wd * w)`` instead of adding ``wd * w`` to the gradient.
+        foreach: ``True`` for the multi-tensor ``torch._foreach_*`` backend; ``False`` (with ``fused`` not
+            ``True``) for the single-tensor reference backend.
+        fused: ``True`` for the native fused op (built on first use); raises if it cannot be built.
+            With both left ``None``, the fastest available backend is chosen on the first step and
+            recorded in :attr:`backend`.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = NovoGrad(model.parameters(), lr=0.01, weight_decay=1e-3)
+        >>> model(torch.randn(3, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.95, 0.98),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        grad_averaging: bool = False,
+        amsgrad: bool = False,
+        decoupled_weight_decay: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        _check_hparams(lr, betas, eps, weight_decay)
+        if fused and foreach:
+            raise ValueError("NovoGrad: fused=True and foreach=True cannot both be set; choose one backend")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_averaging=grad_averaging,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                _check_param(p)
+        #: Name of the backend the last step used ("reference", "foreach" or "fused"); None before a step.
+        self.backend: Optional[str] = None
+        self._backend_cache: dict[tuple, KernelBackend] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if group["fused"] and group["foreach"]:
+            raise ValueError("NovoGrad: fused=True and foreach=True cannot both be set in one param group")
+        for p in group["params"]:
+            _check_param(p)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("grad_averaging", False), ("amsgrad", False), ("decoupled_weight_decay", False),
+                               ("foreach", None), ("fused", None)):
+                group.setdefault(key, value)
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("_backend_cache", {})
+
+    # -- backend choice ----------------------------------------------------------------------------
+    def _kernels(self, group: dict[str, Any], device: torch.device) -> KernelBackend:
+        """The backend for ``group`` on ``device``; chosen once per (choice, device type) and cached."""
+        fused, foreach = group["fused"], group["foreach"]
+        key = (fused, foreach, device.type)
+        backend = self._backend_cache.get(key)
+        if backend is None:
+            backend = self._choose_backend(fused, foreach, device)
+            self._backend_cache[key] = backend
+        return backend
+
+    @staticmethod
+    def _choose_backend(fused: Optional[bool], foreach: Optional[bool], device: torch.device) -> KernelBackend:
+        from .kernels import native
+
+        if fused:
+            return native.load_backend(device)  # raises, naming what is missing and the fix
+        if foreach is False:
+            return ReferenceBackend()
+        if foreach is None and fused is None:
+            backend = native.load_backend_or_none(device)  # says once why it fell back
+            if backend is not None:
+                return backend
+        return ForeachBackend()
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state[STEP] = 0
+            state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[EXP_AVG_SQ] = torch.zeros((), dtype=vdtype, device=p.device)
+        if group["amsgrad"] and MAX_EXP_AVG_SQ not in state:
+            state[MAX_EXP_AVG_SQ] = torch.zeros_like(state[EXP_AVG_SQ])
+        return state
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue  # skipped: keeps its state and its step count
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"NovoGrad does not support sparse gradients (param {i} of its group, shape {tuple(p.shape)}): "
+                    "it needs each layer's dense squared norm. Use a dense layer, e.g. nn.Embedding(sparse=False)"
+                )
+            state = self._init_state(p, group)
+            if isinstance(state[STEP], Tensor):  # a checkpoint written by another tool; normalise once
+                state[STEP] = int(state[STEP].cpu())
+            state[STEP] += 1
+            buckets[(p.device, p.dtype, g.dtype, state[STEP] == 1)].append(p)
+
+        for (device, _, _, _), params in buckets.items():
+            kernels = self._kernels(group, device)
+            self.backend = kernels.name
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            a1, c1, a2, c2 = step_factors(states[0][STEP], beta1, beta2, group["grad_averaging"])
+
+            n = kernels.sq_norms(grads)                              # n = sum(g*g) per layer
+            v = torch.stack([s[EXP_AVG_SQ] for s in states])
+            vmax = torch.stack([s[MAX_EXP_AVG_SQ] for s in states]) if group["amsgrad"] else None
+            denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
+            torch._foreach_copy_([s[EXP_AVG_SQ] for s in states], list(v.unbind(0)))
+            if vmax is not None:
+                torch._foreach_copy_([s[MAX_EXP_AVG_SQ] for s in states], list(vmax.unbind(0)))
+
+            kernels.update_(
+                params, grads, [s[EXP_AVG] for s in states], denoms,
+                lr=group["lr"], beta1=a1, grad_scale=c1,
+                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+            )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the per-layer moments keep their fp32 (fp64) dtype whatever the params' dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+        dtype, which would round ``v`` to bf16 for bf16 parameters. The per-layer entries are taken out
+        before that cast and put back afterwards, moved to the parameter's device only.
+        """
+        state_dict = copy.copy(state_dict)
+        layer_state: dict[Any, dict[str, Tensor]] = {}
+        new_state = {}
+        for key, st in state_dict["state"].items():
+            st = dict(st)
+            layer_state[key] = {k: st.pop(k) for k in _LAYER_STATE_KEYS if k in st and isinstance(st[k], Tensor)
+                                and st[k].dim() == 0}
+            new_state[key] = st
+        state_dict["state"] = new_state
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(saved_ids, current))
+        for key, entries in layer_state.items():
+            p = id_to_param.get(key)
+            if p is None:
+                continue
+            vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for k, t in entries.items():
+                self.state[p][k] = t.detach().to(device=p.device, dtype=vdtype).clone()
