@@ -38,6 +38,8 @@ __all__ = ["NovoGrad", "step_factors", "second_moment_"]
 
 # State keys. These names are what DeepSpeed's checkpoint tools understand (DEEPSPEED_NOTES §5.3).
 STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"
+# Bound flat tensors keep v compact, one entry per layer; state_dict() expands it to an Adam-shaped exp_avg_sq.
+EXP_AVG_LAYER, MAX_EXP_AVG_LAYER = "exp_avg_sq_layer", "max_exp_avg_sq_layer"
 _LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
 
 BACKENDS = ("reference", "foreach", "fused")
@@ -163,10 +165,19 @@ class NovoGrad(Optimizer):
         #: Name of the backend the last step used ("reference", "foreach" or "fused"); None before a step.
         self.backend: Optional[str] = None
         self._backend_cache: dict[tuple, KernelBackend] = {}
+        # Tensors this optimizer may step as whole layers: the ones it was built with. A tensor that is neither
+        # one of these nor bound (a ZeRO flat partition DeepSpeed swapped in) is refused in step().
+        self._own_ids: set[int] = {id(p) for g in self.param_groups for p in g["params"]}
+        # id(flat tensor) -> FlatLayout, set by novograd_ds.bind(engine) (see novograd_ds/distributed).
+        self._layouts: dict[int, Any] = {}
+        # Test/diagnostic switch: step unknown tensors as if each were one layer (the per-shard mistake).
+        self._naive_per_tensor = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if hasattr(self, "_own_ids"):
+            self._own_ids.update(id(p) for p in group["params"])
         _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group["fused"] and group["foreach"]:
             raise ValueError("NovoGrad: fused=True and foreach=True cannot both be set in one param group")
@@ -181,6 +192,9 @@ class NovoGrad(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_backend_cache", {})
+        self.__dict__.setdefault("_own_ids", {id(p) for g in self.param_groups for p in g["params"]})
+        self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_naive_per_tensor", False)
 
     # -- backend choice ----------------------------------------------------------------------------
     def _kernels(self, group: dict[str, Any], device: torch.device) -> KernelBackend:
@@ -231,12 +245,49 @@ class NovoGrad(Optimizer):
         return state
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        plain: list[tuple[int, Tensor]] = []
+        flats: list[tuple[Tensor, Any]] = []
+        unknown: list[Tensor] = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue  # skipped: keeps its state and its step count
+            layout = self._layouts.get(id(p))
+            if layout is not None and layout.tensor is p:
+                flats.append((p, layout))
+            elif id(p) in self._own_ids or self._naive_per_tensor:
+                plain.append((i, p))
+            else:
+                unknown.append(p)
+        if unknown:
+            self._check_unknown(unknown)
+        if plain:
+            self._step_plain(group, plain)
+        for p, layout in flats:
+            self._step_flat(group, p, layout)
+
+    def _check_unknown(self, tensors: list[Tensor]) -> None:
+        """Refuse tensors we were not built with and not bound to (a DeepSpeed wrapper's flat partitions).
+
+        One exception, which steps nothing: DeepSpeed's FP16_UnfusedOptimizer calls ``step()`` once inside its
+        ``__init__`` with all-zero gradients on its fp32 clones, before any bind can run. That call must neither
+        count a step nor decay weights, so it is ignored.
+        """
+        if all(len(self.state.get(p, {})) == 0 and not p.grad.any() for p in tensors):
+            return
+        shapes = ", ".join(str(tuple(p.shape)) for p in tensors[:4]) + (" ..." if len(tensors) > 4 else "")
+        raise RuntimeError(
+            f"NovoGrad was asked to step {len(tensors)} tensor(s) it was not constructed with and is not bound to "
+            f"(shapes {shapes}). This happens inside a DeepSpeed ZeRO/bf16/fp16 wrapper, which swaps in flat "
+            "partitions that cut through layers: stepping them would compute per-shard, not per-layer, norms. Fix: "
+            "call novograd_ds.register() before deepspeed.initialize (import novograd_ds does it unless "
+            "NOVOGRAD_DS_AUTOREGISTER=0), or call novograd_ds.bind(engine) right after deepspeed.initialize."
+        )
+
+    def _step_plain(self, group: dict[str, Any], indexed: list[tuple[int, Tensor]]) -> None:
         beta1, beta2 = group["betas"]
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for i, p in enumerate(group["params"]):
+        for i, p in indexed:
             g = p.grad
-            if g is None:
-                continue  # skipped: keeps its state and its step count
             if g.is_sparse:
                 raise RuntimeError(
                     f"NovoGrad does not support sparse gradients (param {i} of its group, shape {tuple(p.shape)}): "
@@ -268,6 +319,80 @@ class NovoGrad(Optimizer):
                 lr=group["lr"], beta1=a1, grad_scale=c1,
                 weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             )
+
+    # -- bound flat tensors (DeepSpeed ZeRO / bf16 / fp16 wrappers) ------------------------------------------
+    def _bind_layouts(self, layouts: dict[int, Any]) -> None:
+        """Install ``id(flat) -> FlatLayout`` (see :mod:`novograd_ds.distributed`); replaces earlier bindings."""
+        self._layouts = dict(layouts)
+
+    @property
+    def is_bound(self) -> bool:
+        """True once a DeepSpeed wrapper's flat tensors have been bound (``novograd_ds.bind``)."""
+        return bool(self._layouts)
+
+    def _init_flat_state(self, p: Tensor, layout: Any, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if EXP_AVG_LAYER not in state:
+            per_element = state.pop(EXP_AVG_SQ, None)
+            per_element_max = state.pop(MAX_EXP_AVG_SQ, None)
+            if per_element is not None and per_element.numel() == p.numel():
+                # restored from a checkpoint written by state_dict() (or a universal checkpoint): fold back
+                state[EXP_AVG_LAYER] = self._fold_layer_values(per_element, layout, vdtype)
+                if per_element_max is not None and per_element_max.numel() == p.numel():
+                    state[MAX_EXP_AVG_LAYER] = self._fold_layer_values(per_element_max, layout, vdtype)
+            else:
+                state[STEP] = 0
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[EXP_AVG_LAYER] = torch.zeros(layout.n_layers, dtype=vdtype, device=p.device)
+            state[EXP_AVG_LAYER].swappable = False  # DeepSpeed's NVMe swapper must leave this small vector alone
+        if group["amsgrad"] and MAX_EXP_AVG_LAYER not in state:
+            state[MAX_EXP_AVG_LAYER] = state[EXP_AVG_LAYER].clone() if state[STEP] else torch.zeros_like(
+                state[EXP_AVG_LAYER])
+        if isinstance(state[STEP], Tensor):
+            state[STEP] = int(state[STEP].cpu())
+        return state
+
+    @staticmethod
+    def _fold_layer_values(per_element: Tensor, layout: Any, vdtype: torch.dtype) -> Tensor:
+        """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees."""
+        from .distributed.layout import compact_layer_values
+        from .distributed.reduce import reduce_layer_max
+
+        values, _ = compact_layer_values(per_element.detach().to(dtype=vdtype), layout.segments, layout.n_layers)
+        # v >= 0, so a MAX over the group fills in layers this rank holds no segment of (those are 0 here)
+        return reduce_layer_max(values, layout)
+
+    def _step_flat(self, group: dict[str, Any], p: Tensor, layout: Any) -> None:
+        """One step of a flat tensor whose elements are slices of ``layout.n_layers`` layers.
+
+        NOTE: [the collective contract] in novograd_ds/distributed/reduce.py: the per-layer reduction below is
+        issued on every rank for every bound flat, whatever this rank's segments are.
+        """
+        from .distributed.reduce import reduce_layer_sq
+
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError("NovoGrad: a DeepSpeed flat partition has a sparse gradient; this is not supported")
+        beta1, beta2 = group["betas"]
+        state = self._init_flat_state(p, layout, group)
+        k = state[STEP] + 1
+        a1, c1, a2, c2 = step_factors(k, beta1, beta2, group["grad_averaging"])
+        kernels = self._kernels(group, p.device)
+        self.backend = kernels.name
+
+        partial = kernels.sq_norms_segments(g, layout.segments, layout.n_layers)
+        n = reduce_layer_sq(partial, layout)
+        v = state[EXP_AVG_LAYER]
+        vmax = state.get(MAX_EXP_AVG_LAYER) if group["amsgrad"] else None
+        denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
+        kernels.update_segments_(
+            p, g, state[EXP_AVG], layout.segments, denoms,
+            lr=group["lr"], beta1=a1, grad_scale=c1,
+            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+        )
+        state[STEP] = k
+
 
     # -- checkpoints -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,0 +1,121 @@
+"""DeepSpeed adapters: the ONLY module that reads DeepSpeed wrapper internals (verified on DeepSpeed 0.19.x).
+
+For each wrapper DeepSpeed may put around the basic optimizer, :func:`layouts_for_engine` returns one
+:class:`~novograd_ds.distributed.layout.FlatLayout` per tensor the wrapper will hand to ``NovoGrad.step()``, keyed
+by ``id(tensor)``. See docs/zero.md for what each wrapper hands over.
+
+* ZeRO-1/2 (``DeepSpeedZeroOptimizer``): flat = ``single_partition_of_fp32_groups[i]``; offsets from
+  ``round_robin_bit16_offsets`` (NOT ``lp._hp_mapping``: DeepSpeed builds that in the wrong order with
+  ``round_robin_gradients`` and no ``parameter_alignment``); layer = ``param.param_idx_in_group``.
+* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): flat = ``fp32_partitioned_groups_flat[sg]`` per sub-group; each
+  tensor partitioned on its own; layer = index inside the sub-group.
+* ``BF16_Optimizer``: flat = ``fp32_groups_flat_partition[i]``, tensors packed back to back.
+* ``FP16_UnfusedOptimizer``: per-tensor fp32 clones; whole layers, gradients already all-reduced: no reduction.
+* no wrapper: the model's own tensors; nothing to bind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .layout import FlatLayout, contiguous_segments, whole_tensor_layout, zero12_segments, zero3_segments
+
+__all__ = ["layouts_for_engine", "layouts_for_wrapper"]
+
+
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where a reduction vector must live: the accelerator's current device (NCCL needs it), else the tensor's."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    except Exception:  # pragma: no cover - deepspeed without an accelerator
+        return tensor.device
+
+
+def _zero12(zo: Any) -> dict[int, FlatLayout]:
+    import deepspeed.comm as dist
+
+    out = {}
+    for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+        pg = zo.real_dp_process_group[i]
+        rank = dist.get_rank(group=pg)
+        params = zo.round_robin_bit16_groups[i]
+        segments = zero12_segments(
+            zo.round_robin_bit16_offsets[i],
+            [m.numel() for m in zo.round_robin_bit16_meta[i]],
+            [p.param_idx_in_group for p in params],
+            rank=rank,
+            partition_size=zo.partition_size[i],
+        )
+        out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), group=pg,
+                                   comm_device=_comm_device(flat), label=f"zero12 group {i}", tensor=flat)
+    return out
+
+
+def _zero3(z3: Any) -> dict[int, FlatLayout]:
+    import deepspeed.comm as dist
+
+    out = {}
+    for sg, flat in enumerate(z3.fp32_partitioned_groups_flat):
+        pg = z3._get_sub_group_process_group(sg)
+        params = z3.fp16_groups[sg]
+        segments = zero3_segments([p.partition_numel() for p in params], [p.ds_numel for p in params],
+                                  rank=dist.get_rank(group=pg))
+        out[id(flat)] = FlatLayout(segments, len(params), flat.numel(), group=pg, comm_device=_comm_device(flat),
+                                   label=f"zero3 sub-group {sg}", tensor=flat)
+    return out
+
+
+def _bf16(bo: Any) -> dict[int, FlatLayout]:
+    import deepspeed.comm as dist
+
+    out = {}
+    for i, flat in enumerate(bo.fp32_groups_flat_partition):
+        pg = bo.real_dp_process_group[i]
+        world = dist.get_world_size(group=pg)
+        segments = contiguous_segments([p.numel() for p in bo.bf16_groups[i]], rank=dist.get_rank(group=pg),
+                                       partition_size=bo.bf16_groups_flat[i].numel() // world)
+        out[id(flat)] = FlatLayout(segments, len(bo.bf16_groups[i]), flat.numel(), group=pg,
+                                   comm_device=_comm_device(flat), label=f"bf16 group {i}", tensor=flat)
+    return out
+
+
+def _fp16_unfused(fo: Any) -> dict[int, FlatLayout]:
+    out = {}
+    for i, group in enumerate(fo.fp32_groups):
+        for j, t in enumerate(group):
+            out[id(t)] = whole_tensor_layout(t, label=f"fp16-unfused group {i} tensor {j}")
+    return out
+
+
+def layouts_for_wrapper(wrapper: Any, basic: Any) -> dict[int, FlatLayout]:
+    """Layouts for every tensor ``wrapper`` hands to ``basic.step()``; empty when there is no wrapper."""
+    if wrapper is basic or wrapper is None:
+        return {}
+    name = type(wrapper).__name__
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        return _zero3(wrapper)
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        return _zero12(wrapper)
+    if isinstance(wrapper, BF16_Optimizer):
+        return _bf16(wrapper)
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        return _fp16_unfused(wrapper)
+    raise NotImplementedError(
+        f"NovoGrad: DeepSpeed wrapped it in {name}, which novograd_ds does not know how to bind (supported: ZeRO "
+        "stage 1/2/3, BF16_Optimizer, FP16_UnfusedOptimizer, no wrapper). Change the fp16/bf16/zero_optimization "
+        "settings, or open an issue with your DeepSpeed config"
+    )
+
+
+def layouts_for_engine(engine: Any, basic: Any) -> dict[int, FlatLayout]:
+    """Layouts for the NovoGrad ``basic`` inside ``engine.optimizer``."""
+    return layouts_for_wrapper(getattr(engine, "optimizer", None), basic)

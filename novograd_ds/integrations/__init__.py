@@ -1,0 +1,1 @@
+"""Integrations of NovoGrad with training frameworks (DeepSpeed)."""
