@@ -1,0 +1,336 @@
+// NovoGrad's fused CPU op: per-layer sums of squares and the fused elementwise update.
+//
+// Two passes over memory, as in NOTE: [the kernel seam]: (1) n = sum(g*g) per layer (reads g), then, after
+// Python has turned n into each layer's denominator d = sqrt(v) + eps, (2) the fused update (reads g, w, m;
+// writes w, m). 24 bytes per fp32 parameter, nothing else touched, no temporaries.
+//
+// Work is cut into chunks of at most kChunk elements (a chunk never crosses a tensor or segment) and the
+// chunk list is split over threads with at::parallel_for (torch.set_num_threads governs it). Each chunk runs a
+// SIMD main loop (AVX-512 or AVX2, chosen at compile time by the flags builder.py passes) and a scalar tail
+// that evaluates the same expressions in the same order (novograd_math.h); the build uses -ffp-contract=off so
+// neither path fuses a multiply-add, which keeps the result bitwise equal to the reference backend in fp32.
+// Norm partials are kept per chunk and summed per layer in chunk order, in double: the result does not depend
+// on the number of threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "../novograd_math.h"
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, many per thread at 25M
+
+// ---- SIMD abstraction: W lanes of fp32 -------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using vfloat = __m512;
+inline vfloat vset1(float x) { return _mm512_set1_ps(x); }
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat vload(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half, exact
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vfloat vload(const c10::Half* p) {  // fp16 -> fp32, exact
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline float vsum(vfloat x) { return _mm512_reduce_add_ps(x); }
+#define NOVOGRAD_SIMD "avx512"
+#elif defined(__AVX2__)
+constexpr int W = 8;
+using vfloat = __m256;
+inline vfloat vset1(float x) { return _mm256_set1_ps(x); }
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat vload(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vfloat vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float vsum(vfloat x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#define NOVOGRAD_SIMD "avx2"
+#else
+constexpr int W = 1;  // no vector ISA: the scalar loop below is the whole kernel
+#define NOVOGRAD_SIMD "scalar"
+#endif
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// One contiguous run of elements of one layer: a whole tensor, or a segment of a flat tensor.
+struct Span {
+  float* w;       // parameter (nullptr in the norm pass)
+  const void* g;  // gradient, of the call's grad dtype
+  float* m;       // exp_avg (nullptr in the norm pass)
+  int64_t n;      // elements
+  int64_t layer;  // index into the norms output / the denominators
+};
+
+struct Chunk {
+  int64_t span, begin, end;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<Span>& spans) {
+  std::vector<Chunk> chunks;
+  for (int64_t s = 0; s < static_cast<int64_t>(spans.size()); ++s)
+    for (int64_t b = 0; b < spans[s].n; b += kChunk) chunks.push_back({s, b, std::min(spans[s].n, b + kChunk)});
+  return chunks;
+}
+
+// sum(g*g) of g[0:n], fp32 lanes (four independent accumulators), returned in double.
+template <typename G>
+double chunk_sq_sum(const G* g, int64_t n) {
+  int64_t i = 0;
+  double total = 0.0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+  for (; i + 4 * W <= n; i += 4 * W) {
+    vfloat x0 = vload(g + i), x1 = vload(g + i + W), x2 = vload(g + i + 2 * W), x3 = vload(g + i + 3 * W);
+    acc0 = vadd(acc0, vmul(x0, x0));
+    acc1 = vadd(acc1, vmul(x1, x1));
+    acc2 = vadd(acc2, vmul(x2, x2));
+    acc3 = vadd(acc3, vmul(x3, x3));
+  }
+  for (; i + W <= n; i += W) {
+    vfloat x = vload(g + i);
+    acc0 = vadd(acc0, vmul(x, x));
+  }
+  total = static_cast<double>(vsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3))));
+#endif
+  float tail = 0.f;
+  for (; i < n; ++i) tail += novograd::square(to_float(g[i]));
+  return total + static_cast<double>(tail);
+}
+
+// The fused update of w[0:n], m[0:n] from g[0:n] with denominator d (novograd_math.h, vector form).
+template <typename G, bool kDecoupled>
+void chunk_update(float* w, const G* g, float* m, int64_t n, float d, const novograd::UpdateScalars& s) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const vfloat vd = vset1(d), vlr = vset1(s.lr), va1 = vset1(s.a1), vc1 = vset1(s.c1), vwd = vset1(s.wd);
+  for (; i + W <= n; i += W) {
+    const vfloat wv = vload(w + i), mv = vload(m + i);
+    vfloat gh = vdiv(vload(g + i), vd);                   // gh = g / (sqrt(v) + eps)
+    if (!kDecoupled) gh = vadd(gh, vmul(vwd, wv));        // gh = gh + wd*w
+    const vfloat mn = vadd(vmul(va1, mv), vmul(vc1, gh)); // m  = b1*m + c*gh
+    const vfloat u = kDecoupled ? vadd(mn, vmul(vwd, wv)) // u  = m + wd*w (decoupled)
+                                : mn;                     // u  = m
+    vstore(w + i, vsub(wv, vmul(vlr, u)));                // w  = w - lr*u
+    vstore(m + i, mn);
+  }
+#endif
+  novograd::UpdateScalars ts = s;
+  ts.decoupled = kDecoupled ? 1 : 0;
+  for (; i < n; ++i) novograd::update_element(to_float(g[i]), w[i], m[i], d, ts);
+}
+
+enum class GradKind { kFloat, kBFloat16, kHalf };
+
+GradKind grad_kind(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return GradKind::kFloat;
+    case at::kBFloat16: return GradKind::kBFloat16;
+    case at::kHalf: return GradKind::kHalf;
+    default:
+      TORCH_CHECK(false, "novograd_ds fused CPU op: ", what, " has dtype ", t,
+                  "; it supports float32, bfloat16 and float16 gradients (use foreach=True for others)");
+  }
+}
+
+template <typename Fn>
+void dispatch_grad(GradKind k, Fn&& fn) {
+  switch (k) {
+    case GradKind::kFloat: fn(static_cast<const float*>(nullptr)); break;
+    case GradKind::kBFloat16: fn(static_cast<const c10::BFloat16*>(nullptr)); break;
+    case GradKind::kHalf: fn(static_cast<const c10::Half*>(nullptr)); break;
+  }
+}
+
+// Sum of squares per layer over spans: out[layer] += sum over the layer's spans, in chunk order.
+at::Tensor sq_norms_spans(const std::vector<Span>& spans, GradKind kind, int64_t n_out) {
+  const std::vector<Chunk> chunks = make_chunks(spans);
+  std::vector<double> partial(chunks.size(), 0.0);
+  {
+    pybind11::gil_scoped_release nogil;
+    dispatch_grad(kind, [&](auto tag) {
+      using G = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t c = lo; c < hi; ++c) {
+          const Chunk& ch = chunks[c];
+          const G* g = static_cast<const G*>(spans[ch.span].g) + ch.begin;
+          partial[c] = chunk_sq_sum(g, ch.end - ch.begin);
+        }
+      });
+    });
+  }
+  std::vector<double> acc(n_out, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) acc[spans[chunks[c].span].layer] += partial[c];
+  at::Tensor out = at::empty({n_out}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t k = 0; k < n_out; ++k) o[k] = static_cast<float>(acc[k]);
+  return out;
+}
+
+void update_spans(const std::vector<Span>& spans, GradKind kind, const float* denoms, const novograd::UpdateScalars& s) {
+  const std::vector<Chunk> chunks = make_chunks(spans);
+  pybind11::gil_scoped_release nogil;
+  dispatch_grad(kind, [&](auto tag) {
+    using G = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const Chunk& ch = chunks[c];
+        const Span& sp = spans[ch.span];
+        const G* g = static_cast<const G*>(sp.g) + ch.begin;
+        const float d = denoms[sp.layer];
+        if (s.decoupled)
+          chunk_update<G, true>(sp.w + ch.begin, g, sp.m + ch.begin, ch.end - ch.begin, d, s);
+        else
+          chunk_update<G, false>(sp.w + ch.begin, g, sp.m + ch.begin, ch.end - ch.begin, d, s);
+      }
+    });
+  });
+}
+
+// ---- argument checks -----------------------------------------------------------------------------
+void check_dense(const at::Tensor& t, const char* what, int64_t i) {
+  TORCH_CHECK(t.device().is_cpu(), "novograd_ds fused CPU op: ", what, "[", i, "] is on ", t.device(), ", not the CPU");
+  TORCH_CHECK(t.is_contiguous(), "novograd_ds fused CPU op: ", what, "[", i, "] is not contiguous");
+}
+
+void check_state(const at::Tensor& t, const char* what, int64_t i, int64_t numel) {
+  check_dense(t, what, i);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "novograd_ds fused CPU op: ", what, "[", i, "] has dtype ",
+              t.scalar_type(), "; the fused op needs float32 parameters and state (use foreach=True for others)");
+  TORCH_CHECK(t.numel() == numel, "novograd_ds fused CPU op: ", what, "[", i, "] has ", t.numel(),
+              " elements, its gradient ", numel);
+}
+
+GradKind common_grad_kind(const std::vector<at::Tensor>& grads) {
+  GradKind kind = GradKind::kFloat;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_dense(grads[i], "grads", i);
+    GradKind k = grad_kind(grads[i].scalar_type(), "a gradient");
+    TORCH_CHECK(i == 0 || k == kind, "novograd_ds fused CPU op: all gradients of one call must share a dtype");
+    kind = k;
+  }
+  return kind;
+}
+
+std::vector<Span> segment_spans(const at::Tensor& table, const at::Tensor& flat_g, float* w, float* m, int64_t n_layers) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 3,
+              "novograd_ds fused CPU op: the segment table must be a CPU int64 tensor of shape [n, 3] "
+              "(offset, length, layer); SegmentTable.as_tensor() makes one");
+  at::Tensor t = table.contiguous();
+  const int64_t* rows = t.data_ptr<int64_t>();
+  const int64_t numel = flat_g.numel();
+  const char* g = static_cast<const char*>(flat_g.data_ptr());
+  const int64_t esize = flat_g.element_size();
+  std::vector<Span> spans;
+  spans.reserve(t.size(0));
+  for (int64_t r = 0; r < t.size(0); ++r) {
+    const int64_t off = rows[3 * r], len = rows[3 * r + 1], layer = rows[3 * r + 2];
+    TORCH_CHECK(off >= 0 && len >= 0 && off + len <= numel, "novograd_ds fused CPU op: segment ", r, " (offset ", off,
+                ", length ", len, ") lies outside the flat tensor of ", numel, " elements");
+    TORCH_CHECK(layer >= 0 && layer < n_layers, "novograd_ds fused CPU op: segment ", r, " names layer ", layer,
+                ", outside [0, ", n_layers, ")");
+    spans.push_back({w ? w + off : nullptr, g + off * esize, m ? m + off : nullptr, len, layer});
+  }
+  return spans;
+}
+
+novograd::UpdateScalars scalars(double lr, double a1, double c1, double wd, bool decoupled) {
+  // float(x) of each Python double, as torch does when it multiplies an fp32 tensor by a Python scalar
+  return {static_cast<float>(lr), static_cast<float>(a1), static_cast<float>(c1), static_cast<float>(wd),
+          decoupled ? 1 : 0};
+}
+
+const float* checked_denoms(const at::Tensor& denoms, int64_t n) {
+  TORCH_CHECK(denoms.device().is_cpu() && denoms.scalar_type() == at::kFloat && denoms.is_contiguous() &&
+                  denoms.dim() == 1 && denoms.numel() == n,
+              "novograd_ds fused CPU op: denominators must be a contiguous CPU float32 vector of ", n,
+              " entries, got ", denoms.sizes(), " ", denoms.scalar_type());
+  return denoms.data_ptr<float>();
+}
+
+// ---- entry points --------------------------------------------------------------------------------
+at::Tensor sq_norms(const std::vector<at::Tensor>& grads) {
+  GradKind kind = common_grad_kind(grads);
+  std::vector<Span> spans;
+  spans.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i)
+    spans.push_back({nullptr, grads[i].data_ptr(), nullptr, grads[i].numel(), static_cast<int64_t>(i)});
+  return sq_norms_spans(spans, kind, static_cast<int64_t>(grads.size()));
+}
+
+at::Tensor sq_norms_segments(const at::Tensor& flat_grad, const at::Tensor& table, int64_t n_layers) {
+  check_dense(flat_grad, "flat_grad", 0);
+  GradKind kind = grad_kind(flat_grad.scalar_type(), "flat_grad");
+  return sq_norms_spans(segment_spans(table, flat_grad, nullptr, nullptr, n_layers), kind, n_layers);
+}
+
+void update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+            const std::vector<at::Tensor>& exp_avgs, const at::Tensor& denoms, double lr, double a1, double c1,
+            double wd, bool decoupled) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == exp_avgs.size(),
+              "novograd_ds fused CPU op: params, grads and exp_avgs must have the same length");
+  GradKind kind = common_grad_kind(grads);
+  std::vector<Span> spans;
+  spans.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_state(params[i], "params", i, grads[i].numel());
+    check_state(exp_avgs[i], "exp_avgs", i, grads[i].numel());
+    spans.push_back({params[i].data_ptr<float>(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(), grads[i].numel(),
+                     static_cast<int64_t>(i)});
+  }
+  update_spans(spans, kind, checked_denoms(denoms, static_cast<int64_t>(params.size())), scalars(lr, a1, c1, wd, decoupled));
+}
+
+void update_segments(const at::Tensor& flat_param, const at::Tensor& flat_grad, const at::Tensor& flat_exp_avg,
+                     const at::Tensor& table, const at::Tensor& layer_denoms, double lr, double a1, double c1,
+                     double wd, bool decoupled) {
+  check_dense(flat_grad, "flat_grad", 0);
+  GradKind kind = grad_kind(flat_grad.scalar_type(), "flat_grad");
+  check_state(flat_param, "flat_param", 0, flat_grad.numel());
+  check_state(flat_exp_avg, "flat_exp_avg", 0, flat_grad.numel());
+  const int64_t n_layers = layer_denoms.numel();
+  std::vector<Span> spans =
+      segment_spans(table, flat_grad, flat_param.data_ptr<float>(), flat_exp_avg.data_ptr<float>(), n_layers);
+  update_spans(spans, kind, checked_denoms(layer_denoms, n_layers), scalars(lr, a1, c1, wd, decoupled));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "NovoGrad fused CPU kernels (novograd_ds); stateless, every scalar passed per call";
+  mod.attr("simd") = NOVOGRAD_SIMD;
+  mod.attr("simd_width") = W;
+  mod.def("sq_norms", &sq_norms, "sum(g*g) per tensor, fp32 result accumulated in double across chunks");
+  mod.def("sq_norms_segments", &sq_norms_segments, "sum(g*g) per layer over (offset, length, layer) segments");
+  mod.def("update", &update, "fused NovoGrad update of fp32 params/exp_avgs, one denominator per tensor");
+  mod.def("update_segments", &update_segments, "fused update over segments of flat tensors, denominators per layer");
+}
