@@ -90,6 +90,7 @@ class FlatLayout:
     tp_group: Any = None
     label: str = ""
     tensor: Any = field(default=None, repr=False)  # the flat tensor itself, so its id() stays unique while bound
+    layer_params: Any = field(default=None, repr=False)  # the model tensor of each layer index (for inspection)
 
     def __post_init__(self):
         for o, n, k in zip(self.segments.offsets, self.segments.lengths, self.segments.layers):

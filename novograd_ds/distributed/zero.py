@@ -51,7 +51,8 @@ def _zero12(zo: Any) -> dict[int, FlatLayout]:
             partition_size=zo.partition_size[i],
         )
         out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), group=pg,
-                                   comm_device=_comm_device(flat), label=f"zero12 group {i}", tensor=flat)
+                                   comm_device=_comm_device(flat), label=f"zero12 group {i}", tensor=flat,
+                                   layer_params=list(zo.bit16_groups[i]))
     return out
 
 
@@ -65,7 +66,8 @@ def _zero3(z3: Any) -> dict[int, FlatLayout]:
         segments = zero3_segments([p.partition_numel() for p in params], [p.ds_numel for p in params],
                                   rank=dist.get_rank(group=pg))
         out[id(flat)] = FlatLayout(segments, len(params), flat.numel(), group=pg, comm_device=_comm_device(flat),
-                                   label=f"zero3 sub-group {sg}", tensor=flat)
+                                   label=f"zero3 sub-group {sg}", tensor=flat,
+                                   layer_params=list(params))
     return out
 
 
@@ -79,7 +81,8 @@ def _bf16(bo: Any) -> dict[int, FlatLayout]:
         segments = contiguous_segments([p.numel() for p in bo.bf16_groups[i]], rank=dist.get_rank(group=pg),
                                        partition_size=bo.bf16_groups_flat[i].numel() // world)
         out[id(flat)] = FlatLayout(segments, len(bo.bf16_groups[i]), flat.numel(), group=pg,
-                                   comm_device=_comm_device(flat), label=f"bf16 group {i}", tensor=flat)
+                                   comm_device=_comm_device(flat), label=f"bf16 group {i}", tensor=flat,
+                                   layer_params=list(bo.bf16_groups[i]))
     return out
 
 
@@ -87,7 +90,9 @@ def _fp16_unfused(fo: Any) -> dict[int, FlatLayout]:
     out = {}
     for i, group in enumerate(fo.fp32_groups):
         for j, t in enumerate(group):
-            out[id(t)] = whole_tensor_layout(t, label=f"fp16-unfused group {i} tensor {j}")
+            lay = whole_tensor_layout(t, label=f"fp16-unfused group {i} tensor {j}")
+            lay.layer_params = [fo.fp16_groups[i][j]]
+            out[id(t)] = lay
     return out
 
 
