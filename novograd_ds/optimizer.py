@@ -307,6 +307,10 @@ class NovoGrad(Optimizer):
             a1, c1, a2, c2 = step_factors(states[0][STEP], beta1, beta2, group["grad_averaging"])
 
             n = kernels.sq_norms(grads)                              # n = sum(g*g) per layer
+            if getattr(self, "_tp_group", None) is not None:  # issue 6: TP-split layers, see distributed/tp.py
+                from .distributed.tp import reduce_plain_sq
+
+                n = reduce_plain_sq(n, params, self._tp_group)
             v = torch.stack([s[EXP_AVG_SQ] for s in states])
             vmax = torch.stack([s[MAX_EXP_AVG_SQ] for s in states]) if group["amsgrad"] else None
             denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
