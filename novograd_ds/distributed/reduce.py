@@ -7,8 +7,8 @@ sub-group order on every rank, and skips overflowing steps on every rank), with 
 never depends on the local segments. One ``all_reduce(SUM)`` per flat per step.
 
 Tensor parallelism (issue 6) adds a second reduction: after the data-parallel SUM, layers marked in
-``layout.tp_mask`` (split across tensor-parallel ranks) are summed again over ``layout.tp_group``. The seam is
-here; the second reduction is not implemented yet.
+``layout.tp_mask`` (split across tensor-parallel ranks) are summed again over ``layout.tp_group`` (one more
+collective per flat, on every TP rank; NOTE: [tensor-parallel layer norms] in tp.py).
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ __all__ = ["reduce_layer_sq"]
 
 def reduce_layer_sq(partial: Tensor, layout: FlatLayout) -> Tensor:
     """Sum the per-layer partial ``sum(g*g)`` over the layout's data-parallel group; returns the full norms."""
-    if layout.tp_mask is not None or layout.tp_group is not None:
-        raise NotImplementedError(
-            "NovoGrad: tensor-parallel layer norms (a tp_mask/tp_group on the layout) are not implemented yet; "
-            "run without tensor parallelism"
-        )
-    if layout.group is None:
-        return partial
-    device = layout.comm_device if layout.comm_device is not None else partial.device
-    buf = partial if partial.device == device else partial.to(device)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=layout.group)
-    return buf if buf.device == partial.device else buf.to(partial.device)
+    full = partial
+    if layout.group is not None:
+        device = layout.comm_device if layout.comm_device is not None else partial.device
+        buf = partial if partial.device == device else partial.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=layout.group)
+        full = buf if buf.device == partial.device else buf.to(partial.device)
+    if layout.tp_group is not None and layout.tp_mask is not None:
+        # tensor parallelism (issue 6): TP-split layers summed again over the TP group; see distributed/tp.py
+        from .tp import masked_tp_all_reduce
+
+        full = masked_tp_all_reduce(full, layout.tp_mask, layout.tp_group, device=layout.comm_device)
+    return full
 
 
 def reduce_layer_max(values: Tensor, layout: FlatLayout) -> Tensor:
