@@ -14,7 +14,7 @@ from .optimizer import NovoGrad
 
 __version__ = "0.1.0"
 
-__all__ = ["NovoGrad", "register", "unregister", "bind", "__version__"]
+__all__ = ["NovoGrad", "register", "unregister", "bind", "set_tensor_parallel_group", "__version__"]
 
 
 def register(*, force: bool = False) -> bool:
@@ -36,6 +36,13 @@ def bind(engine):
     from .integrations.deepspeed import bind as _bind
 
     return _bind(engine)
+
+
+def set_tensor_parallel_group(optimizer, group=None, *, mpu=None):
+    """Sum TP-split layers' norms over a TP group; see :func:`novograd_ds.distributed.tp.set_tensor_parallel_group`."""
+    from .distributed.tp import set_tensor_parallel_group as _set
+
+    _set(optimizer, group, mpu=mpu)
 
 
 if _os.environ.get("NOVOGRAD_DS_AUTOREGISTER", "1") != "0" and _ilu.find_spec("deepspeed") is not None:

@@ -187,4 +187,7 @@ def bind(engine: Any) -> Optional[NovoGrad]:
     if not isinstance(basic, NovoGrad):
         return None
     basic._bind_layouts(layouts_for_engine(engine, basic))
+    from ..distributed.tp import configure_from_engine
+
+    configure_from_engine(basic, engine)  # issue 6: TP group from engine.mpu (or an explicit one) onto the layouts
     return basic
