@@ -102,28 +102,40 @@ std::vector<Chunk> make_chunks(const std::vector<Span>& spans) {
   return chunks;
 }
 
-// sum(g*g) of g[0:n], fp32 lanes (four independent accumulators), returned in double.
+// sum(g*g) of g[0:n]: fp32 lanes (four independent accumulators) over blocks of kBlock elements, each block's
+// sum added into a double, so no fp32 accumulator sees more than kBlock / (4 W) additions.
+constexpr int64_t kBlock = 1024;
+
 template <typename G>
 double chunk_sq_sum(const G* g, int64_t n) {
   int64_t i = 0;
   double total = 0.0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
-  for (; i + 4 * W <= n; i += 4 * W) {
-    vfloat x0 = vload(g + i), x1 = vload(g + i + W), x2 = vload(g + i + 2 * W), x3 = vload(g + i + 3 * W);
-    acc0 = vadd(acc0, vmul(x0, x0));
-    acc1 = vadd(acc1, vmul(x1, x1));
-    acc2 = vadd(acc2, vmul(x2, x2));
-    acc3 = vadd(acc3, vmul(x3, x3));
+  while (i + 4 * W <= n) {
+    const int64_t stop = std::min(n, i + kBlock);
+    vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+    for (; i + 4 * W <= stop; i += 4 * W) {
+      vfloat x0 = vload(g + i), x1 = vload(g + i + W), x2 = vload(g + i + 2 * W), x3 = vload(g + i + 3 * W);
+      acc0 = vadd(acc0, vmul(x0, x0));
+      acc1 = vadd(acc1, vmul(x1, x1));
+      acc2 = vadd(acc2, vmul(x2, x2));
+      acc3 = vadd(acc3, vmul(x3, x3));
+    }
+    total += static_cast<double>(vsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3))));
   }
   for (; i + W <= n; i += W) {
     vfloat x = vload(g + i);
-    acc0 = vadd(acc0, vmul(x, x));
+    total += static_cast<double>(vsum(vmul(x, x)));
   }
-  total = static_cast<double>(vsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3))));
 #endif
   float tail = 0.f;
-  for (; i < n; ++i) tail += novograd::square(to_float(g[i]));
+  for (; i < n; ++i) {
+    tail += novograd::square(to_float(g[i]));
+    if (((n - i) & (kBlock - 1)) == 1) {  // scalar build: flush into the double every kBlock elements too
+      total += static_cast<double>(tail);
+      tail = 0.f;
+    }
+  }
   return total + static_cast<double>(tail);
 }
 

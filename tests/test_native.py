@@ -1,0 +1,411 @@
+"""The fused native ops (novograd_ds/ops) against the reference backend: kernels, segments and the optimizer.
+
+The CPU op is built once per test session (about 30 s on 2 cores, cached in ``$TORCH_EXTENSIONS_DIR``). The
+tests skip, with the reason, only when the toolchain is missing (no ninja, no compiler); a build that fails
+with the toolchain present is a failure.
+
+Tolerances, and why:
+
+| what                                   | rtol  | atol  | why                                                               |
+|----------------------------------------|-------|-------|-------------------------------------------------------------------|
+| kernel update (params, exp_avg)         | 0     | 0     | same expressions in the same order, no FMA, IEEE division         |
+| kernel sq_norms vs float64 truth        | 2e-6  | 0     | fp32 lanes per 64K chunk, chunks summed in double                 |
+| optimizer, fused vs reference (3 steps) | 1e-5  | 1e-7  | sq_norms differ by ~1e-7 rel, so d and every update by about that |
+| CUDA update (GPU tests)                | 0     | 0     | --fmad=false, IEEE division: same rounding as the reference        |
+| CUDA sq_norms vs float64 truth          | 1e-5  | 0     | fp32 per block, fp32 atomics across blocks in any order           |
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from novograd_ds import NovoGrad
+from novograd_ds.kernels import SegmentTable
+from novograd_ds.kernels.native import NativeOpUnavailable, describe, load_backend
+from novograd_ds.kernels.reference import ReferenceBackend
+from novograd_ds.ops.builder import CPUOpBuilder, CUDAOpBuilder
+
+REPO = Path(__file__).resolve().parents[1]
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLAG_NAMES = ("grad_averaging", "amsgrad", "decoupled_weight_decay")
+KERNEL_TOL = dict(rtol=0, atol=0)
+NORM_RTOL = 2e-6
+OPT_TOL = dict(rtol=1e-5, atol=1e-7)
+
+# (rows, cols) of a small transformer block: embedding, layer norms, qkv, attention out, MLP, biases.
+TRANSFORMER_SHAPES = [(512, 64), (64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64), (256,),
+                      (64, 256), (64,), (1,), (7,)]
+
+
+@pytest.fixture(scope="module")
+def fused():
+    problems = CPUOpBuilder().missing()
+    if problems:
+        pytest.skip("cannot build the CPU op here: " + "; ".join(problems))
+    return load_backend(torch.device("cpu"))
+
+
+def _sizes(width: int) -> list[int]:
+    # 1, 7, around the SIMD width and the 4-way unrolled norm loop, around a 64K chunk, and 2**20 + 3
+    return sorted({1, 7, width - 1 or 1, width + 1, 4 * width - 1, 4 * width + 1, 65535, 65537, 2**20 + 3})
+
+
+def _grads(sizes, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen).mul_(3).to(dtype) for n in sizes]
+
+
+def _truth_sq(g: torch.Tensor) -> torch.Tensor:
+    return g.double().square().sum()
+
+
+# -- kernels -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=str)
+def test_sq_norms_match_float64(fused, gdtype):
+    grads = _grads(_sizes(fused.module.simd_width), gdtype) + _grads([s[0] * (s[1] if len(s) > 1 else 1)
+                                                                      for s in TRANSFORMER_SHAPES], gdtype, seed=1)
+    got = fused.sq_norms(grads)
+    assert got.dtype == torch.float32 and got.shape == (len(grads),)
+    want = torch.stack([_truth_sq(g) for g in grads])
+    torch.testing.assert_close(got.double(), want, rtol=NORM_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("decoupled,wd", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
+@pytest.mark.parametrize("first_step", [True, False], ids=["step1", "stepk"])
+def test_update_matches_reference(fused, gdtype, decoupled, wd, first_step):
+    sizes = _sizes(fused.module.simd_width)
+    grads = _grads(sizes, gdtype)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    avgs = [torch.zeros(n) if first_step else torch.randn(n, generator=gen) for n in sizes]
+    denoms = torch.rand(len(sizes), generator=gen) + 0.25
+    a1, c1 = (0.0, 1.0) if first_step else (0.95, 0.05)
+    kw = dict(lr=0.01, beta1=a1, grad_scale=c1, weight_decay=wd, decoupled=decoupled)
+    p_ref, m_ref = [p.clone() for p in params], [m.clone() for m in avgs]
+    fused.update_(params, grads, avgs, denoms, **kw)
+    ReferenceBackend().update_(p_ref, grads, m_ref, denoms, **kw)
+    for got, want in zip(params + avgs, p_ref + m_ref):
+        torch.testing.assert_close(got, want, **KERNEL_TOL)
+
+
+def _segment_case(gdtype):
+    # Segments start and end inside tensors, a layer owns several segments, gaps stay untouched,
+    # one segment crosses several 64K chunks, and layer 3 has no segment at all.
+    table = SegmentTable(offsets=[5, 105, 1200, 2800, 3000], lengths=[100, 900, 1500, 150, 2**17 + 5],
+                         layers=[0, 1, 0, 2, 4])
+    numel = 3000 + 2**17 + 5 + 11
+    gen = torch.Generator().manual_seed(3)
+    flat_g = torch.randn(numel, generator=gen).to(gdtype)
+    flat_p = torch.randn(numel, generator=gen)
+    flat_m = torch.randn(numel, generator=gen)
+    return table, flat_g, flat_p, flat_m
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=str)
+def test_segments_norms_and_update(fused, gdtype):
+    table, flat_g, flat_p, flat_m = _segment_case(gdtype)
+    n_layers = 5
+    got = fused.sq_norms_segments(flat_g, table, n_layers)
+    want = torch.zeros(n_layers, dtype=torch.float64)
+    for o, n, k in zip(table.offsets, table.lengths, table.layers):
+        want[k] += _truth_sq(flat_g[o:o + n])
+    torch.testing.assert_close(got.double(), want, rtol=NORM_RTOL, atol=0)
+
+    layer_denoms = torch.tensor([0.5, 1.5, 2.0, 9.0, 0.75])
+    kw = dict(lr=0.02, beta1=0.9, grad_scale=0.1, weight_decay=0.01, decoupled=False)
+    p_ref, m_ref = flat_p.clone(), flat_m.clone()
+    fused.update_segments_(flat_p, flat_g, flat_m, table, layer_denoms, **kw)
+    ReferenceBackend().update_segments_(p_ref, flat_g, m_ref, table, layer_denoms, **kw)
+    torch.testing.assert_close(flat_p, p_ref, **KERNEL_TOL)
+    torch.testing.assert_close(flat_m, m_ref, **KERNEL_TOL)
+    untouched = torch.ones(flat_p.numel(), dtype=torch.bool)
+    for o, n in zip(table.offsets, table.lengths):
+        untouched[o:o + n] = False
+    _, _, p0, m0 = _segment_case(gdtype)
+    assert untouched.sum() > 0
+    assert torch.equal(flat_p[untouched], p0[untouched]) and torch.equal(flat_m[untouched], m0[untouched])
+
+
+def test_sq_norms_do_not_depend_on_thread_count(fused):
+    grads = _grads([2**20 + 3, 65537, 9], torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.sq_norms(grads)
+        torch.set_num_threads(2)
+        two = fused.sq_norms(grads)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+# -- through the optimizer ---------------------------------------------------------------------------------
+def _model_params(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen).requires_grad_() for s in TRANSFORMER_SHAPES]
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)),
+                         ids=lambda f: "-".join(n for n, on in zip(FLAG_NAMES, f) if on) or "plain")
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_optimizer_fused_matches_reference(fused, flags, wd):
+    kw = dict(zip(FLAG_NAMES, flags), lr=0.05, weight_decay=wd)
+    runs = {}
+    for name, extra in (("fused", dict(fused=True)), ("reference", dict(foreach=False))):
+        params = _model_params(0)
+        opt = NovoGrad(params, **kw, **extra)
+        gen = torch.Generator().manual_seed(9)
+        for step in range(3):
+            for i, p in enumerate(params):
+                # parameter 2 gets no gradient on step 1: it is skipped and its own step count lags
+                p.grad = None if (i == 2 and step == 1) else torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert opt.backend == name
+        runs[name] = (params, opt)
+    (pf, of), (pr, orf) = runs["fused"], runs["reference"]
+    for a, b in zip(pf, pr):
+        torch.testing.assert_close(a.detach(), b.detach(), **OPT_TOL)
+        sa, sb = of.state[a], orf.state[b]
+        assert sa["step"] == sb["step"]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert (key in sa) == (key in sb)
+            if key in sa:
+                torch.testing.assert_close(sa[key], sb[key], **OPT_TOL)
+
+
+def test_low_precision_params_explicit_raises_auto_uses_foreach(fused):
+    p = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.randn(10, dtype=torch.bfloat16)
+    with pytest.raises(NativeOpUnavailable, match=r"torch\.bfloat16 parameters.*fused=None"):
+        NovoGrad([p], fused=True).step()
+    q_auto, q_ref = p.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    q_auto.grad, q_ref.grad = p.grad.clone(), p.grad.clone()
+    opt = NovoGrad([q_auto], lr=0.1)
+    assert isinstance(opt._kernels(opt.param_groups[0], torch.device("cpu")), type(fused))
+    opt.step()
+    NovoGrad([q_ref], lr=0.1, foreach=True).step()
+    assert torch.equal(q_auto, q_ref)  # went through the foreach backend, bit for bit
+
+
+# -- building ----------------------------------------------------------------------------------------------
+def _run_py(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "NOVOGRAD_DS_AUTOREGISTER": "0", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          cwd=str(REPO), timeout=600)
+
+
+def test_second_load_does_not_rebuild(fused):
+    builder = CPUOpBuilder()
+    so = sorted(builder.build_dir().glob(f"{builder.name}*.so"))
+    assert so, f"no compiled module in {builder.build_dir()}"
+    before = {p: p.stat().st_mtime_ns for p in builder.build_dir().iterdir() if p.is_file()}
+    out = _run_py("""
+        from novograd_ds.ops.builder import CPUOpBuilder
+        m = CPUOpBuilder().load()
+        print("simd", m.simd)
+        """, NOVOGRAD_DS_BUILD_VERBOSE="1")
+    assert out.returncode == 0, out.stderr
+    assert "no work to do" in out.stdout + out.stderr
+    assert "-c " not in out.stdout  # no compiler command line was run
+    after = {p: p.stat().st_mtime_ns for p in builder.build_dir().iterdir() if p.is_file() and p in before}
+    assert {p: before[p] for p in so} == {p: after[p] for p in so}
+    assert describe()[0]["available"] and describe()[0]["reason"].startswith(("loaded", "built"))
+
+
+def test_missing_compiler_explicit_error_and_automatic_fallback(tmp_path):
+    out = _run_py("""
+        import warnings, torch
+        from novograd_ds import NovoGrad
+        from novograd_ds.kernels.native import NativeOpUnavailable, describe
+        row = describe()[0]
+        print("DESCRIBE", row["available"], row["reason"])
+        p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+        try:
+            NovoGrad([p], fused=True).step()
+            print("NO ERROR")
+        except NativeOpUnavailable as exc:
+            print("ERROR", exc)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = NovoGrad([p], lr=0.1)
+            opt.step()
+            first = float(p[0])
+            opt.step()
+            NovoGrad([p]).step()
+        print("AUTO", opt.backend, first, len([w for w in caught if "fused op unavailable" in str(w.message)]))
+        """, CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["DESCRIBE"].startswith("False") and "CXX='/nonexistent/c++'" in lines["DESCRIBE"]
+    msg = lines["ERROR"]
+    assert "no C++ compiler" in msg and "CXX='/nonexistent/c++'" in msg and "python -m novograd_ds.env" in msg
+    backend, value, n_warnings = lines["AUTO"].split()
+    # step 1 with g = 1 in 3 elements: v = 3, m = 1/sqrt(3), w = 1 - 0.1/sqrt(3); one warning for three steps
+    assert backend == "foreach" and abs(float(value) - (1 - 0.1 / 3 ** 0.5)) < 1e-6 and int(n_warnings) == 1
+    assert not any(tmp_path.iterdir()) or not any(tmp_path.rglob("*.so"))
+
+
+def test_cuda_kernel_compiles_with_nvcc():
+    import shutil
+
+    if shutil.which(os.environ.get("NVCC", "nvcc")) is None:
+        pytest.skip("nvcc not found: the CUDA compile check needs the CUDA toolkit (set NVCC)")
+    out = subprocess.run(["bash", str(REPO / "scripts" / "check_cuda_compile.sh")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "sm_80 ok" in out.stdout and "sm_90 ok" in out.stdout
+
+
+@pytest.mark.slow
+def test_scalar_isa_build_matches_reference(tmp_path):
+    """The fallback for CPUs without AVX2: built with NOVOGRAD_DS_CPU_ISA=scalar, same results."""
+    if CPUOpBuilder().missing():
+        pytest.skip("cannot build the CPU op here: " + "; ".join(CPUOpBuilder().missing()))
+    out = _run_py("""
+        import torch
+        from novograd_ds.kernels.native import load_backend
+        from novograd_ds.kernels.reference import ReferenceBackend
+        fb = load_backend("cpu")
+        assert fb.module.simd == "scalar" and fb.module.simd_width == 1, fb.module.simd
+        sizes = [1, 7, 9, 65537, 2**20 + 3]
+        for gd in (torch.float32, torch.bfloat16, torch.float16):
+            g = [torch.randn(n).to(gd) for n in sizes]
+            n = fb.sq_norms(g).double(); t = torch.stack([x.double().square().sum() for x in g])
+            assert torch.allclose(n, t, rtol=2e-6, atol=0), (n, t)
+            for dec, wd in ((False, 0.0), (False, 0.1), (True, 0.1)):
+                w = [torch.randn(k) for k in sizes]; m = [torch.randn(k) for k in sizes]
+                w2 = [x.clone() for x in w]; m2 = [x.clone() for x in m]; d = torch.rand(len(sizes)) + 0.5
+                kw = dict(lr=0.01, beta1=0.9, grad_scale=0.1, weight_decay=wd, decoupled=dec)
+                fb.update_(w, g, m, d, **kw); ReferenceBackend().update_(w2, g, m2, d, **kw)
+                assert all(torch.equal(a, b) for a, b in zip(w + m, w2 + m2))
+        print("SCALAR OK")
+        """, NOVOGRAD_DS_CPU_ISA="scalar", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0 and "SCALAR OK" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_avx512_variant_compiles(tmp_path):
+    """This machine may lack AVX-512; at least the AVX-512 code path must compile (-fsyntax-only)."""
+    import shutil
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx})")
+    b = CPUOpBuilder(isa="avx512")
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}",
+                                                   f"-I{REPO / 'novograd_ds' / 'ops' / 'csrc'}"]
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=x", *incs, *b.cxx_flags(), *b.sources()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_backend(tmp_path):
+    """Two gloo ranks; rank 1 cannot use the op (NOVOGRAD_DS_DISABLE_NATIVE) so both fall back, together."""
+    if CPUOpBuilder().missing():
+        pytest.skip("cannot build the CPU op here")
+    script = tmp_path / "agree.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, torch, torch.distributed as dist
+        rank = int(sys.argv[1])
+        os.environ["LOCAL_RANK"] = str(rank)
+        if rank == 1:
+            os.environ["NOVOGRAD_DS_DISABLE_NATIVE"] = "1"
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+        from novograd_ds import NovoGrad
+        p = torch.nn.Parameter(torch.ones(5)); p.grad = torch.full((5,), 2.0)
+        opt = NovoGrad([p], lr=0.1); opt.step()
+        print("RANK", rank, opt.backend, float(p[0]))
+        dist.destroy_process_group()
+        """))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "NOVOGRAD_DS_AUTOREGISTER": "0"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO)) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e
+    results = [line.split()[2:] for o, _ in outs for line in o.splitlines() if line.startswith("RANK")]
+    assert [r[0] for r in results] == ["foreach", "foreach"]
+    # step 1: m = g/|g| = 2/sqrt(20); w = 1 - 0.1*m on both ranks
+    expected = 1.0 - 0.1 * 2.0 / (20.0 ** 0.5 + 1e-8)
+    assert all(abs(float(r[1]) - expected) < 1e-6 for r in results)
+
+
+# -- CUDA (needs a GPU) ------------------------------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="module")
+def fused_cuda():
+    problems = CUDAOpBuilder().missing()
+    if problems:
+        pytest.skip("cannot build the CUDA op here: " + "; ".join(problems))
+    return load_backend(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("decoupled,wd", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
+def test_cuda_kernels_match_reference(fused_cuda, gdtype, decoupled, wd):
+    sizes = _sizes(8) + [3 * 65536 * 320 + 5]  # the last one spans several launches
+    grads = [g.cuda() for g in _grads(sizes, gdtype)]
+    want = torch.stack([_truth_sq(g.cpu()) for g in grads])
+    torch.testing.assert_close(fused_cuda.sq_norms(grads).double().cpu(), want, rtol=1e-5, atol=0)
+    params = [torch.randn(n, device="cuda") for n in sizes]
+    avgs = [torch.randn(n, device="cuda") for n in sizes]
+    denoms = torch.rand(len(sizes), device="cuda") + 0.25
+    kw = dict(lr=0.01, beta1=0.95, grad_scale=0.05, weight_decay=wd, decoupled=decoupled)
+    p_ref, m_ref = [p.clone() for p in params], [m.clone() for m in avgs]
+    fused_cuda.update_(params, grads, avgs, denoms, **kw)
+    ReferenceBackend().update_(p_ref, grads, m_ref, denoms, **kw)
+    for got, exp in zip(params + avgs, p_ref + m_ref):
+        torch.testing.assert_close(got, exp, **KERNEL_TOL)
+    table, flat_g, flat_p, flat_m = _segment_case(gdtype)
+    flat_g, flat_p, flat_m = flat_g.cuda(), flat_p.cuda(), flat_m.cuda()
+    p_ref, m_ref = flat_p.clone(), flat_m.clone()
+    layer_denoms = torch.tensor([0.5, 1.5, 2.0, 9.0, 0.75], device="cuda")
+    fused_cuda.update_segments_(flat_p, flat_g, flat_m, table, layer_denoms, **kw)
+    ReferenceBackend().update_segments_(p_ref, flat_g, m_ref, table, layer_denoms, **kw)
+    torch.testing.assert_close(flat_p, p_ref, **KERNEL_TOL)
+    torch.testing.assert_close(flat_m, m_ref, **KERNEL_TOL)
+    seg_want = torch.zeros(5, dtype=torch.float64)
+    for o, n, k in zip(table.offsets, table.lengths, table.layers):
+        seg_want[k] += _truth_sq(flat_g[o:o + n].cpu())
+    torch.testing.assert_close(fused_cuda.sq_norms_segments(flat_g, table, 5).double().cpu(), seg_want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)))
+def test_cuda_optimizer_matches_reference(fused_cuda, flags):
+    kw = dict(zip(FLAG_NAMES, flags), lr=0.05, weight_decay=0.01)
+    runs = []
+    for extra in (dict(fused=True), dict(foreach=False)):
+        params = [p.detach().cuda().requires_grad_() for p in _model_params(0)]
+        opt = NovoGrad(params, **kw, **extra)
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
