@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer and token-id cache (default: $NOVOGRAD_DS_CACHE or ~/.cache/novograd_ds)")
     g.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="BPE vocabulary size")
     g.add_argument("--val-fraction", type=float, default=0.05, help="tail of every document held out")
-    g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per training sequence")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training sequence (default {d['seq_len']}, or the config's novograd_ds.seq_len)")
     g = p.add_argument_group("batch (command line wins over the config; 'auto' in the config takes these)")
     g.add_argument("--micro-batch", type=int, default=None,
                    help=f"sequences per rank per forward (train_micro_batch_size_per_gpu; default {d['micro_batch']})")
@@ -165,6 +166,12 @@ def resolve_ds_config(cfg: dict[str, Any], args: argparse.Namespace, world_size:
     """
     cfg = copy.deepcopy(cfg)
     d = DEFAULTS
+    ours = cfg.pop("novograd_ds", {}) or {}  # our own section (e.g. the 32K recipe's seq_len); not DeepSpeed's
+    unknown = set(ours) - {"seq_len"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in the novograd_ds section; it takes seq_len")
+    if args.seq_len is None:
+        args.seq_len = int(ours.get("seq_len", d["seq_len"]))
 
     # -- optimizer ------------------------------------------------------------------------------------
     opt = cfg.setdefault("optimizer", {"type": "NovoGrad", "params": {}})
@@ -248,6 +255,15 @@ def resolve_ds_config(cfg: dict[str, Any], args: argparse.Namespace, world_size:
             zero[key] = value
     cfg.setdefault("steps_per_print", 10**9)
 
+    fp16 = cfg.get("fp16", {})
+    if isinstance(fp16, dict) and fp16.get("enabled") is True:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(
+                f"{source}: fp16.enabled is true but DeepSpeed's {get_accelerator().device_name()} accelerator has no "
+                "fp16; run it on a GPU, or use bf16 here (configs/bf16.json)")
+
     left = _find_auto(cfg)
     if left:
         raise ConfigError(f"{source}: {left} is \"auto\", which only the HF Trainer fills in; give it a value")
@@ -325,8 +341,10 @@ def init_distributed() -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------
-def _batch_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 65_537 + micro * 4099 + rank
+def _batch_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
+    """Seed of one micro-batch: a function of (step, micro * world + rank), so a world-1 run with
+    accumulation ``world`` sees exactly the sequences of a world-``world`` run without accumulation."""
+    return (seed * 1_000_003 + step) * 65_537 + micro * world + rank
 
 
 def build_model(args: argparse.Namespace, vocab_size: int):
@@ -462,7 +480,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         lr = float(engine.get_lr()[0]) if engine.lr_scheduler is not None else float(basic.param_groups[0]["lr"])
         losses = []
         for micro in range(ga):
-            batch = lmdata.sample_batch(corpus.train, mb, args.seq_len, _batch_seed(args.seed, step, micro, rank))
+            batch = lmdata.sample_batch(corpus.train, mb, args.seq_len, _batch_seed(args.seed, step, micro, rank, world))
             loss = _lm_loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -518,6 +536,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         basic_optimizer_is_novograd=is_novograd,
         optimizer_wrapper=type(engine.optimizer).__name__,
         zero_stage=engine.zero_optimization_stage(),
+        param_dtype=str(next(engine.module.parameters()).dtype).replace("torch.", ""),
         train_history=state["train_history"],
         val_history=state["val_history"],
         config=resolved,
@@ -560,7 +579,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parse_args(argv)
         train(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"novograd_ds.train: error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank hits the same error; one says it
+            print(f"novograd_ds.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 
