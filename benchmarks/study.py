@@ -66,12 +66,13 @@ class StudyConfig:
     threads: int = 2
 
 
-def build_model(cfg: StudyConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+def build_model(cfg: StudyConfig, vocab_size: int, seed: int, eot_id: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     conf = GPT2Config(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                      n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=eot_id, eos_token_id=eot_id)
     return GPT2LMHeadModel(conf)
 
 
@@ -128,7 +129,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
     if batch_tokens % tokens_per_micro:
         raise ValueError(f"batch_tokens={batch_tokens} is not a multiple of micro_batch x seq_len = {tokens_per_micro}")
     accum = batch_tokens // tokens_per_micro
-    model = build_model(cfg, corpus.vocab_size, seed)
+    model = build_model(cfg, corpus.vocab_size, seed, corpus.eot_id)
     opt = make_optimizer(opt_name, model, lr)
     warmup_steps = int(cfg.warmup_fraction * steps) if warmup else 0
     curve, train_curve = [], []
@@ -145,7 +146,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
             logits = model(input_ids=b[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()) / accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_curve.append((step + 1, total))
