@@ -1,0 +1,163 @@
+"""CPU step time of NovoGrad's fused op against other optimizers and the memory-bandwidth floor.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_cpu_step.py [--params 25e6] [--steps 20] [--threads 2]
+
+25M fp32 parameters in transformer-shaped tensors (embedding, attention, MLP, norms, biases), gradients set
+once, then the median of ``--steps`` timed ``step()`` calls after 3 warm-up steps, for: our fused op, our
+foreach path, torch AdamW(fused=True), DeepSpeedCPUAdam (skipped with a note if it cannot build),
+torch-optimizer NovoGrad, apex FusedNovoGrad (only if importable; it is CUDA-only). The floor is NovoGrad's
+24 bytes/param (read g twice, read w and m, write w and m) at the best streaming bandwidth measured in this
+run (torch.add(a, b, out=c) and copy_ over 256 MiB arrays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("NOVOGRAD_DS_AUTOREGISTER", "0")
+
+import torch  # noqa: E402
+
+BYTES_PER_PARAM = 24
+
+
+def transformer_shapes(target: float) -> list[tuple[int, ...]]:
+    d, vocab = 640, 8192
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    while sum(torch.Size(s).numel() for s in shapes) + 12 * d * d < target:
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def make_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)
+        p.grad = torch.randn(s, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def time_steps(opt, steps: int) -> float:
+    for _ in range(3):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def best_bandwidth(nbytes: int = 256 << 20, reps: int = 15) -> tuple[float, str]:
+    """Best bytes/s of add (2 reads + 1 write) and copy (1 read + 1 write) over large fp32 arrays."""
+    n = nbytes // 4
+    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+    best, how = 0.0, ""
+    for name, fn, moved in (("add", lambda: torch.add(a, b, out=c), 12 * n), ("copy", lambda: c.copy_(a), 8 * n)):
+        fn()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            bw = moved / (time.perf_counter() - t0)
+            if bw > best:
+                best, how = bw, name
+    return best, how
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=25e6)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from novograd_ds import NovoGrad
+
+    shapes = transformer_shapes(args.params)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    print(f"# {n_params / 1e6:.2f}M fp32 params in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of {args.steps} steps")
+
+    rows: dict[str, float] = {}
+    notes: list[str] = []
+    best_bandwidth_first = best_bandwidth()
+
+    def run(label, make):
+        params = make_params(shapes)
+        try:
+            opt = make(params)
+            rows[label] = time_steps(opt, args.steps)
+        except Exception as exc:  # a competitor that cannot run here is reported, not fatal
+            notes.append(f"{label}: skipped ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})")
+        del params
+
+    def fused(params):
+        opt = NovoGrad(params, lr=1e-3, weight_decay=1e-3, fused=True)
+        opt.step()
+        assert opt.backend == "fused", opt.backend
+        return opt
+
+    run("novograd_ds fused", fused)
+    run("novograd_ds foreach", lambda p: NovoGrad(p, lr=1e-3, weight_decay=1e-3, foreach=True))
+    run("torch AdamW fused=True", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-3, fused=True))
+
+    def ds_cpu_adam(params):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=1e-3, adamw_mode=True)
+
+    run("DeepSpeedCPUAdam", ds_cpu_adam)
+
+    def torch_optimizer_novograd(params):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch_optimizer
+
+        return torch_optimizer.NovoGrad(params, lr=1e-3, weight_decay=1e-3)
+
+    run("torch-optimizer NovoGrad", torch_optimizer_novograd)
+    try:
+        from apex.optimizers import FusedNovoGrad  # noqa: F401
+
+        notes.append("apex FusedNovoGrad: importable but CUDA-only; not timed on the CPU")
+    except Exception:
+        notes.append("apex FusedNovoGrad: not importable (it is CUDA-only anyway)")
+
+    bw0, how0 = best_bandwidth_first
+    bw1, how1 = best_bandwidth()  # measured before and after the optimizers; the best of both counts
+    bw, how = (bw0, how0) if bw0 >= bw1 else (bw1, how1)
+    floor = BYTES_PER_PARAM * n_params / bw
+    rows["bandwidth floor (24 B/param)"] = floor
+
+    width = max(len(k) for k in rows)
+    print(f"{'optimizer'.ljust(width)}  step ms")
+    for k, v in rows.items():
+        print(f"{k.ljust(width)}  {v * 1e3:7.2f}")
+    print(f"# best streaming bandwidth {bw / 1e9:.2f} GB/s ({how})")
+    for note in notes:
+        print(f"# {note}")
+
+    f = rows.get("novograd_ds fused")
+    if f is not None:
+        print("ratios (target):")
+        if "torch AdamW fused=True" in rows:
+            print(f"  fused / AdamW-fused          {f / rows['torch AdamW fused=True']:.3f}  (<= 0.80)")
+        if "torch-optimizer NovoGrad" in rows:
+            print(f"  torch-optimizer / fused      {rows['torch-optimizer NovoGrad'] / f:.2f}   (>= 3)")
+        print(f"  fused / floor                {f / floor:.3f}  (<= 1.15)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
