@@ -399,6 +399,33 @@ class NovoGrad(Optimizer):
 
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The torch state dict; for each bound flat also an Adam-shaped per-element ``exp_avg_sq``.
+
+        DeepSpeed's checkpoint tools only know per-element ``exp_avg``/``exp_avg_sq`` with the flat's shape
+        (DEEPSPEED_NOTES §5.3; the universal converter also trims padding off EVERY tensor state). So each bound
+        flat's entry carries, instead of the compact per-layer ``exp_avg_sq_layer``, an ``exp_avg_sq`` in which
+        every element holds its layer's v (0 on padding). After a load, the first step folds it back to per-layer
+        values (exactly: the elements are copies) and drops it.
+        """
+        from .distributed.layout import expand_layer_values
+
+        sd = super().state_dict()
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                layout = self._layouts.get(id(p))
+                st = sd["state"].get(index)
+                if layout is not None and layout.tensor is p and st is not None and EXP_AVG_LAYER in st:
+                    st = dict(st)
+                    st[EXP_AVG_SQ] = expand_layer_values(st.pop(EXP_AVG_LAYER), layout.segments, p.numel())
+                    if MAX_EXP_AVG_LAYER in st:
+                        st[MAX_EXP_AVG_SQ] = expand_layer_values(st.pop(MAX_EXP_AVG_LAYER), layout.segments,
+                                                                 p.numel())
+                    sd["state"][index] = st
+                index += 1
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the per-layer moments keep their fp32 (fp64) dtype whatever the params' dtype.
 
