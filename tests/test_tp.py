@@ -337,3 +337,128 @@ def test_tensor_parallel_equals_tp1():
         if "_z" in name and not name.endswith("noTP") and "_z0" not in name:
             assert results[0][name]["tp_layouts"] > 0, f"{name}: no layout got the TP group"
     assert all(r["spans"] == (True, True) for r in results), [r["spans"] for r in results]
+
+
+# -- real megatron-core layers ---------------------------------------------------------------------------------------
+HAS_MCORE = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+
+
+class MegatronMPU:
+    """megatron.core.parallel_state as DeepSpeed's ``mpu``: it lacks get_model_parallel_rank/world_size, which
+    DeepSpeed reads (checkpoint naming); Megatron-DeepSpeed's own mpu has them."""
+
+    def __init__(self, ps):
+        self._ps = ps
+
+    def __getattr__(self, name):
+        return getattr(self._ps, name)
+
+    def get_model_parallel_rank(self):
+        return torch.distributed.get_rank(group=self._ps.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self):
+        return torch.distributed.get_world_size(group=self._ps.get_model_parallel_group())
+
+
+def mcore_full_weights():
+    g = torch.Generator().manual_seed(11)
+    return {"ln.weight": 1 + 0.1 * torch.randn(H, generator=g), "ln.bias": 0.1 * torch.randn(H, generator=g),
+            "fc1.weight": torch.randn(FFN, H, generator=g) / H ** 0.5, "fc1.bias": 0.1 * torch.randn(FFN, generator=g),
+            "fc2.weight": torch.randn(H, FFN, generator=g) / FFN ** 0.5, "fc2.bias": 0.1 * torch.randn(H, generator=g)}
+
+
+MCORE_SPLIT = {"fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
+
+
+class MCoreMLP(torch.nn.Module):
+    """LayerNorm (replicated) -> ColumnParallelLinear -> gelu -> RowParallelLinear, residual; TP=1 if ``ps`` None."""
+
+    def __init__(self, ps=None):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(H)
+        tp, rank = 1, 0
+        if ps is None:
+            self.fc1, self.fc2 = torch.nn.Linear(H, FFN), torch.nn.Linear(FFN, H)
+        else:
+            from megatron.core.model_parallel_config import ModelParallelConfig
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+            tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+            cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                      params_dtype=torch.float32)
+            init = torch.nn.init.zeros_
+            self.fc1 = ColumnParallelLinear(H, FFN, config=cfg, init_method=init, bias=True, gather_output=False)
+            self.fc2 = RowParallelLinear(FFN, H, config=cfg, init_method=init, bias=True, input_is_parallel=True,
+                                         skip_bias_add=False)
+        self.megatron = ps is not None
+        full = mcore_full_weights()
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                t = full[n]
+                if n in MCORE_SPLIT and tp > 1:
+                    t = t.chunk(tp, dim=MCORE_SPLIT[n])[rank]
+                p.copy_(t)
+
+    def forward(self, x):
+        h = self.ln(x)
+        if self.megatron:
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(h)[0]))[0]
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+
+def mcore_worker(rank, world_size):
+    import novograd_ds
+    from megatron.core import parallel_state as ps
+    from novograd_ds import NovoGrad
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    tp_group = ps.get_tensor_model_parallel_group()
+
+    def run(model, opt, engine=None):
+        for step in range(STEPS):
+            x, y = batch(step, 0)
+            if engine is None:
+                opt.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                opt.step()
+            else:
+                engine.backward(F.mse_loss(engine(x), y))
+                engine.step()
+        out = {}
+        for n, p in model.named_parameters():
+            t = p.detach().clone()
+            if n in MCORE_SPLIT and world_size > 1 and model is not ref_model:
+                parts = [torch.empty_like(t) for _ in range(world_size)]
+                torch.distributed.all_gather(parts, t, group=tp_group)
+                t = torch.cat(parts, dim=MCORE_SPLIT[n])
+            out[n] = t
+        return out
+
+    ref_model = MCoreMLP()
+    ref = run(ref_model, NovoGrad(ref_model.parameters(), lr=LR, betas=BETAS, weight_decay=WD))
+    results = {"marks": {n: bool(getattr(p, "tensor_model_parallel", False))
+                         for n, p in MCoreMLP(ps).named_parameters()}}
+    for name in ("mcore_plain", "mcore_plain_noTP", "mcore_z1_client"):
+        model = MCoreMLP(ps)
+        opt = NovoGrad(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+        engine = None
+        if name == "mcore_z1_client":
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, mpu=MegatronMPU(ps),
+                                                   config=ds_config(1, 1, with_optimizer=False))
+        elif name == "mcore_plain":
+            novograd_ds.set_tensor_parallel_group(opt, mpu=ps)
+        results[name] = rel_err(run(model, opt, engine), ref)
+    ps.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MCORE, reason="megatron-core is not installed (pip install megatron-core==0.16.1)")
+def test_megatron_core_layers_equal_tp1():
+    results = run_ranks(mcore_worker, 2)
+    print({k: v for k, v in results[0].items()})
+    for r in results:
+        assert r["marks"] == {"ln.weight": False, "ln.bias": False, "fc1.weight": True, "fc1.bias": True,
+                              "fc2.weight": True, "fc2.bias": False}, r["marks"]
+        assert r["mcore_plain"] < RTOL and r["mcore_z1_client"] < RTOL, r
+        assert r["mcore_plain_noTP"] > 1e-3, r
