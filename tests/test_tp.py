@@ -31,6 +31,40 @@ NAMES = ["ln1.weight", "ln1.bias", "wq", "bq", "wk", "wv", "bv", "wo", "bo",
          "ln2.weight", "ln2.bias", "w1", "b1", "w2", "b2"]
 
 
+# -- quick, in-process ----------------------------------------------------------------------------------------------
+def test_tp_layer_mask_follows_megatron_attributes():
+    from novograd_ds.distributed.tp import tp_layer_mask
+
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
+    ps[1].tensor_model_parallel = True
+    ps[2].model_parallel = True          # the older Megatron / DeepSpeed spelling
+    ps[3].tensor_model_parallel = False  # Megatron sets it to False on replicated tensors
+    assert tp_layer_mask(ps).tolist() == [False, True, True, False]
+    assert tp_layer_mask([ps[0], ps[3]]) is None  # nothing split: no collective at all
+
+
+def test_set_tensor_parallel_group_errors_name_the_fix():
+    from novograd_ds import NovoGrad, set_tensor_parallel_group
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="basic_optimizer"):
+        set_tensor_parallel_group(torch.optim.SGD([p], lr=0.1), None)
+    opt = NovoGrad([p])
+    with pytest.raises(ValueError, match="not both"):
+        set_tensor_parallel_group(opt, object(), mpu=object())
+    with pytest.raises(TypeError, match="set_tensor_parallel_group"):
+        set_tensor_parallel_group(opt, mpu=object())  # no get_*_parallel_group method
+
+    class NoTP:  # an mpu without tensor parallelism
+        def get_tensor_model_parallel_group(self):
+            return None
+
+    set_tensor_parallel_group(opt, mpu=NoTP())
+    p.grad = torch.ones(2)
+    opt.step()  # no TP group: the plain step, no collective
+    assert float(opt.state[p]["exp_avg_sq"]) == 2.0
+
+
 # -- Megatron's f and g operators -----------------------------------------------------------------------------------
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the gradient backward (input of a column-parallel layer)."""
