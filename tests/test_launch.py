@@ -1,0 +1,181 @@
+"""launch/*, examples/* and the novograd_ds.run shim, each run for real with 2 CPU processes.
+
+Every launcher runs the same tiny job (configs/zero2.json, 2 ranks, micro-batch 4, no accumulation) and is
+compared with ONE reference: a single process with accumulation 2, which sees exactly the same sequences per
+step. Multi-node launchers run as two "nodes" on localhost; the SLURM batch script runs with fake `srun` and
+`scontrol` on PATH that start its per-node command once per node with SLURM's variables set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--max-steps", "3", "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--seq-len", "64",
+        "--micro-batch", "4", "--eval-batches", "2", "--eval-interval", "3", "--no-progress"]
+CONFIG = "configs/zero2.json"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("NOVOGRAD_DS_CACHE", str(Path(tempfile.gettempdir()) / "novograd_ds-test-cache"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        env.pop(k, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, env, timeout=600):
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _run_nodes(cmds_envs, timeout=600):
+    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c, e in cmds_envs]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-4000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    _run([sys.executable, "-m", "novograd_ds.train", "--deepspeed-config", CONFIG, "--out", str(out), *TINY,
+          "--grad-accum", "2"], _env())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 1 and m["basic_optimizer_is_novograd"]
+    return m
+
+
+def _check(out: Path, reference, world=2):
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == world and m["steps"] == 3
+    assert m["basic_optimizer_is_novograd"] and m["basic_optimizer"] == "novograd_ds.optimizer.NovoGrad"
+    assert m["optimizer_wrapper"] == "DeepSpeedZeroOptimizer"
+    assert m["val_loss"] < m["initial_val_loss"] - 0.05
+    assert [h[1] for h in m["train_history"]] == pytest.approx([h[1] for h in reference["train_history"]], abs=2e-4)
+    assert m["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-4)
+    assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest").is_file()
+    return m
+
+
+def test_deepspeed_launcher_one_node(tmp_path, reference):
+    out = tmp_path / "run"
+    _run(["bash", "launch/deepspeed_single_node.sh", *TINY],
+         _env(NUM_GPUS=2, MASTER_PORT=_port(), CONFIG=CONFIG, OUT=out))
+    _check(out, reference)
+
+
+def test_deepspeed_launcher_two_nodes_hostfile(tmp_path, reference):
+    """The multi-node script with a two-host hostfile, started on each "node" (NO_SSH=1, NODE_RANK=i)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    out, port = tmp_path / "run", _port()
+    common = dict(HOSTFILE=hostfile, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NO_SSH=1, CONFIG=CONFIG, OUT=out)
+    _run_nodes([(["bash", "launch/deepspeed_multi_node.sh", *TINY], _env(NODE_RANK=i, **common)) for i in (0, 1)])
+    _check(out, reference)
+
+
+def test_torchrun_one_node(tmp_path, reference):
+    out = tmp_path / "run"
+    _run(["bash", "launch/torchrun.sh", *TINY], _env(NPROC_PER_NODE=2, MASTER_PORT=_port(), CONFIG=CONFIG, OUT=out))
+    _check(out, reference)
+
+
+def test_torchrun_two_nodes_one_rendezvous(tmp_path, reference):
+    out, port = tmp_path / "run", _port()
+    common = dict(NNODES=2, NPROC_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CONFIG=CONFIG, OUT=out)
+    _run_nodes([(["bash", "launch/torchrun.sh", *TINY], _env(NODE_RANK=i, **common)) for i in (0, 1)])
+    _check(out, reference)
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_sbatch_script(tmp_path, reference):
+    """Runs launch/slurm.sbatch as sbatch would, with a fake srun that starts one task per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "scontrol", '#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && '
+                                      'tr "," "\\n" <<< "$3"\n')
+    _executable(bin_dir / "srun", """#!/usr/bin/env bash
+# fake srun: drop srun options, start the command once per node with SLURM's per-task variables
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & pids+=($!)
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc
+""")
+    out = tmp_path / "run"
+    env = _env(SLURM_JOB_ID=4242, SLURM_NNODES=2, SLURM_JOB_NODELIST="localhost", SLURM_NTASKS=2,
+               SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE=1, MASTER_PORT=_port(), CONFIG=CONFIG, OUT=out)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    _run(["bash", "launch/slurm.sbatch", *TINY], env)
+    _check(out, reference)
+
+
+def test_accelerate_hf_trainer(tmp_path):
+    """accelerate launch (DeepSpeed plugin, 2 processes) + transformers.Trainer + configs/hf_zero2.json."""
+    out = tmp_path / "hf"
+    _run(["accelerate", "launch", "--config_file", "launch/accelerate_deepspeed.yaml", "--main_process_port",
+          str(_port()), "examples/hf_trainer_clm.py", "--deepspeed", "configs/hf_zero2.json", "--output_dir",
+          str(out), "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "0.01",
+          "--adam_beta1", "0.95", "--adam_beta2", "0.98", "--weight_decay", "0.001", "--n_layer", "1",
+          "--n_embd", "64", "--n_head", "2", "--seq_len", "64", "--train_windows", "64", "--eval_windows", "8",
+          "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"], _env())
+    m = json.loads((out / "hf_metrics.json").read_text())
+    assert m["basic_optimizer_is_novograd"] and m["optimizer_wrapper"] == "DeepSpeedZeroOptimizer"
+    assert m["world_size"] == 2 and m["steps"] == 4
+    assert m["betas"] == [0.95, 0.98] and m["weight_decay"] == pytest.approx(0.001)  # "auto" <- --adam_beta*
+    assert m["last_train_loss"] < m["first_train_loss"] and m["eval_loss"] < m["first_train_loss"]
+
+
+def test_run_shim_under_deepspeed_launcher(tmp_path):
+    """An unmodified DeepSpeed script asking for "type": "NovoGrad" fails alone and works through the shim."""
+    alone = subprocess.run([sys.executable, "examples/plain_deepspeed.py", "--out", str(tmp_path / "alone")],
+                           cwd=ROOT, env=_env(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=_port()),
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode != 0 and "NovoGrad is not a supported DeepSpeed Optimizer" in alone.stderr
+
+    out = tmp_path / "shim"
+    _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), "--module", "novograd_ds.run",
+          "examples/plain_deepspeed.py", "--out", str(out)], _env())
+    m = json.loads((out / "result.json").read_text())
+    assert m["basic_optimizer"] == "novograd_ds.optimizer.NovoGrad" and m["world_size"] == 2
+    assert m["argv_local_rank"] == 0  # the launcher's --local_rank reached the script behind the shim
+    assert m["losses"][-1] < 0.5 * m["losses"][0]
