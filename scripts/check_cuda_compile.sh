@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Compile the torch-free CUDA kernel of the fused NovoGrad op with plain nvcc for sm_80 and sm_90.
-# Needs nvcc, no GPU and no CUDA build of torch. Exits non-zero when nvcc is missing or the compile fails.
-#   usage: scripts/check_cuda_compile.sh            (NVCC=/path/to/nvcc to pick another compiler)
+# Needs nvcc, no GPU and no CUDA build of torch. Exits non-zero when nvcc is missing or a compile fails.
+#
+#   usage: scripts/check_cuda_compile.sh [--with-bindings]      (NVCC=/path/to/nvcc picks another nvcc)
+#
+# --with-bindings also syntax-checks cuda/bindings.cpp (the torch side) with the host compiler against the
+# installed torch's headers and the toolkit's headers. A CPU torch wheel lacks one generated header,
+# c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in is written to a temporary directory for that.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 csrc="$root/novograd_ds/ops/csrc"
@@ -19,3 +24,19 @@ for arch in 80 90; do
     -o "$out/novograd_cuda_sm${arch}.o"
   echo "check_cuda_compile: sm_${arch} ok ($(stat -c %s "$out/novograd_cuda_sm${arch}.o") bytes)"
 done
+
+if [[ "${1:-}" == "--with-bindings" ]]; then
+  python="${PYTHON:-python}"
+  cuda_inc="$(cd "$(dirname "$(readlink -f "$(command -v "$nvcc")")")/.." && pwd)/include"
+  # nvcc may be a wrapper script: ask it where its headers are when the guess has no cuda_runtime.h
+  if [[ ! -f "$cuda_inc/cuda_runtime.h" ]]; then
+    cuda_inc="$("$nvcc" --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -n 1)"
+  fi
+  mkdir -p "$out/stub/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  mapfile -t incs < <("$python" -c "import sysconfig, torch.utils.cpp_extension as c
+for p in c.include_paths() + [sysconfig.get_paths()['include']]: print('-isystem'); print(p)")
+  "${CXX:-c++}" -fsyntax-only -std=c++20 -DTORCH_EXTENSION_NAME=novograd_ds_cuda "${incs[@]}" -I "$out/stub" \
+    -isystem "$cuda_inc" -I "$csrc" -Wall -Werror "$csrc/cuda/bindings.cpp"
+  echo "check_cuda_compile: bindings.cpp ok (syntax, torch $("$python" -c 'import torch; print(torch.__version__)'))"
+fi

@@ -266,6 +266,19 @@ def test_cuda_kernel_compiles_with_nvcc():
 
 
 @pytest.mark.slow
+def test_cuda_bindings_compile_against_torch_headers():
+    """bindings.cpp (the torch side) passes the host compiler with torch's and the toolkit's headers (~30 s)."""
+    import shutil
+
+    if shutil.which(os.environ.get("NVCC", "nvcc")) is None:
+        pytest.skip("nvcc not found: the CUDA compile check needs the CUDA toolkit (set NVCC)")
+    out = subprocess.run(["bash", str(REPO / "scripts" / "check_cuda_compile.sh"), "--with-bindings"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "bindings.cpp ok" in out.stdout
+
+
+@pytest.mark.slow
 def test_scalar_isa_build_matches_reference(tmp_path):
     """The fallback for CPUs without AVX2: built with NOVOGRAD_DS_CPU_ISA=scalar, same results."""
     if CPUOpBuilder().missing():
