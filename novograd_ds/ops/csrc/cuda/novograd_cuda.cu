@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) sq_norms_kernel(LaunchTable t, float
   const int s = t.block_span[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(t.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(t.n[s], begin + kChunk);
-  const G* g = static_cast<const G*>(t.g[s]);
+  const G* __restrict__ g = static_cast<const G*>(t.g[s]);
   float acc = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) acc += novograd::square(to_float(g[i]));
   // block reduction: warp shuffles, then one value per warp through shared memory
@@ -58,10 +58,12 @@ __global__ void __launch_bounds__(kThreads) update_kernel(LaunchTable t, const f
   const int s = t.block_span[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(t.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(t.n[s], begin + kChunk);
-  const G* g = static_cast<const G*>(t.g[s]);
-  float* w = t.w[s];
-  float* m = t.m[s];
+  // distinct buffers: __restrict__ lets the compiler keep several iterations' loads in flight
+  const G* __restrict__ g = static_cast<const G*>(t.g[s]);
+  float* __restrict__ w = t.w[s];
+  float* __restrict__ m = t.m[s];
   const float d = denoms[t.layer[s]];
+#pragma unroll 4
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     float wi = w[i], mi = m[i];
     novograd::update_element(to_float(g[i]), wi, mi, d, sc);
