@@ -45,6 +45,9 @@ DEFAULTS = dict(
 )
 
 
+STATE_KEY = "novograd_ds_train"  # our entry in the checkpoint's client_state (step, tokens, curves, time)
+
+
 class ConfigError(ValueError):
     """A bad command line or DeepSpeed config; the message names the value and the fix."""
 
@@ -441,7 +444,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise ConfigError(f"--resume: DeepSpeed found no loadable checkpoint in {ckpt_dir}")
-        state.update(client or {})
+        state.update((client or {}).get(STATE_KEY, {}))
     start_step = state["step"]
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = evaluate(engine, val_batches, rank, world)
@@ -468,7 +471,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     def save(step: int) -> None:
         state["step"] = step
-        engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step}", client_state=dict(state))
+        engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step}", client_state={STATE_KEY: dict(state)})
 
     t_train, tokens_run = 0.0, 0
     last_save = start_step
