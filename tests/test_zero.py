@@ -274,7 +274,10 @@ def check_equivalence(results, names, bf16_names=()):
             for n, t in per_rank[0]["params"].items():
                 assert torch.equal(other["params"][n], t), f"{name}: ranks disagree on {n}"
     assert results[0]["z2_client"]["err"] < RTOL and results[0]["z2_client"]["bound"] > 0
-    if "bf16_optimizer" in bf16_names and "bf16_unfused" in bf16_names:
+    # Sharp bf16 check at world size 2 only: there both wrappers see bit-identical gradients. At world size 3
+    # FP16_UnfusedOptimizer averages bf16 gradients (a division by 3 in bf16), BF16_Optimizer fp32 ones, so the
+    # gradients themselves differ (measured 9e-3 after 6 steps) and the comparison says nothing about NovoGrad.
+    if len(results) == 2 and "bf16_optimizer" in bf16_names and "bf16_unfused" in bf16_names:
         sharded, whole = results[0]["bf16_optimizer"], results[0]["bf16_unfused"]
         err = rel_err(sharded["params"], whole["params"])
         print("bf16_optimizer vs bf16_unfused rel err:", err)
