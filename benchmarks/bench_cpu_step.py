@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_cpu_step.py [--params 25e6] [--steps 20] [--threads 2]
 
 25M fp32 parameters in transformer-shaped tensors (embedding, attention, MLP, norms, biases), gradients set
-once, then the median of ``--steps`` timed ``step()`` calls after 3 warm-up steps, for: our fused op, our
+once, 3 warm-up steps, then ``--steps`` rounds of one timed ``step()`` of each (round robin, medians), for: our fused op, our
 foreach path, torch AdamW(fused=True), DeepSpeedCPUAdam (skipped with a note if it cannot build),
 torch-optimizer NovoGrad, apex FusedNovoGrad (only if importable; it is CUDA-only). The floor is NovoGrad's
 24 bytes/param (read g twice, read w and m, write w and m) at the best streaming bandwidth measured in this
@@ -46,33 +46,6 @@ def make_params(shapes, seed=0):
     return params
 
 
-def time_steps(opt, steps: int) -> float:
-    for _ in range(3):
-        opt.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def best_bandwidth(nbytes: int = 256 << 20, reps: int = 15) -> tuple[float, str]:
-    """Best bytes/s of add (2 reads + 1 write) and copy (1 read + 1 write) over large fp32 arrays."""
-    n = nbytes // 4
-    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
-    best, how = 0.0, ""
-    for name, fn, moved in (("add", lambda: torch.add(a, b, out=c), 12 * n), ("copy", lambda: c.copy_(a), 8 * n)):
-        fn()
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            bw = moved / (time.perf_counter() - t0)
-            if bw > best:
-                best, how = bw, name
-    return best, how
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=25e6)
@@ -86,20 +59,20 @@ def main(argv=None) -> int:
     shapes = transformer_shapes(args.params)
     n_params = sum(torch.Size(s).numel() for s in shapes)
     print(f"# {n_params / 1e6:.2f}M fp32 params in {len(shapes)} tensors, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of {args.steps} steps")
+          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of {args.steps} round-robin steps")
 
     rows: dict[str, float] = {}
     notes: list[str] = []
-    best_bandwidth_first = best_bandwidth()
+    opts: dict[str, object] = {}
 
-    def run(label, make):
-        params = make_params(shapes)
+    def add(label, make):
         try:
-            opt = make(params)
-            rows[label] = time_steps(opt, args.steps)
+            opt = make(make_params(shapes))
+            for _ in range(3):  # warm-up (and the fused op's build or load)
+                opt.step()
+            opts[label] = opt
         except Exception as exc:  # a competitor that cannot run here is reported, not fatal
             notes.append(f"{label}: skipped ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})")
-        del params
 
     def fused(params):
         opt = NovoGrad(params, lr=1e-3, weight_decay=1e-3, fused=True)
@@ -107,9 +80,9 @@ def main(argv=None) -> int:
         assert opt.backend == "fused", opt.backend
         return opt
 
-    run("novograd_ds fused", fused)
-    run("novograd_ds foreach", lambda p: NovoGrad(p, lr=1e-3, weight_decay=1e-3, foreach=True))
-    run("torch AdamW fused=True", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-3, fused=True))
+    add("novograd_ds fused", fused)
+    add("novograd_ds foreach", lambda p: NovoGrad(p, lr=1e-3, weight_decay=1e-3, foreach=True))
+    add("torch AdamW fused=True", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-3, fused=True))
 
     def ds_cpu_adam(params):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -117,7 +90,7 @@ def main(argv=None) -> int:
 
         return DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=1e-3, adamw_mode=True)
 
-    run("DeepSpeedCPUAdam", ds_cpu_adam)
+    add("DeepSpeedCPUAdam", ds_cpu_adam)
 
     def torch_optimizer_novograd(params):
         with warnings.catch_warnings():
@@ -126,7 +99,7 @@ def main(argv=None) -> int:
 
         return torch_optimizer.NovoGrad(params, lr=1e-3, weight_decay=1e-3)
 
-    run("torch-optimizer NovoGrad", torch_optimizer_novograd)
+    add("torch-optimizer NovoGrad", torch_optimizer_novograd)
     try:
         from apex.optimizers import FusedNovoGrad  # noqa: F401
 
@@ -134,9 +107,25 @@ def main(argv=None) -> int:
     except Exception:
         notes.append("apex FusedNovoGrad: not importable (it is CUDA-only anyway)")
 
-    bw0, how0 = best_bandwidth_first
-    bw1, how1 = best_bandwidth()  # measured before and after the optimizers; the best of both counts
-    bw, how = (bw0, how0) if bw0 >= bw1 else (bw1, how1)
+    # Round robin: one timed step of each optimizer and one bandwidth probe per round, so load from other
+    # processes on a shared machine hits every row alike; medians per row, best bandwidth over all rounds.
+    n = 64 << 20  # fp32 elements: 256 MiB per array
+    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    bw, how = 0.0, ""
+    for _ in range(args.steps):
+        for label, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[label].append(time.perf_counter() - t0)
+        for name, fn, moved in (("add", lambda: torch.add(a, b, out=c), 12 * n), ("copy", lambda: c.copy_(a), 8 * n)):
+            t0 = time.perf_counter()
+            fn()
+            probe = moved / (time.perf_counter() - t0)
+            if probe > bw:
+                bw, how = probe, name
+    for label in opts:
+        rows[label] = statistics.median(times[label])
     floor = BYTES_PER_PARAM * n_params / bw
     rows["bandwidth floor (24 B/param)"] = floor
 
