@@ -7,7 +7,7 @@ once, 3 warm-up steps, then ``--steps`` rounds of one timed ``step()`` of each (
 foreach path, torch AdamW(fused=True), DeepSpeedCPUAdam (skipped with a note if it cannot build),
 torch-optimizer NovoGrad, apex FusedNovoGrad (only if importable; it is CUDA-only). The floor is NovoGrad's
 24 bytes/param (read g twice, read w and m, write w and m) at the best streaming bandwidth measured in this
-run (torch.add(a, b, out=c) and copy_ over 256 MiB arrays).
+run (torch.add(a, b, out=c), a.add_(b) and copy_ over 256 MiB arrays, interleaved with the steps).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             opt.step()
             times[label].append(time.perf_counter() - t0)
-        for name, fn, moved in (("add", lambda: torch.add(a, b, out=c), 12 * n), ("copy", lambda: c.copy_(a), 8 * n)):
+        for name, fn, moved in (("add", lambda: torch.add(a, b, out=c), 12 * n), ("add_", lambda: a.add_(b), 12 * n),
+                                ("copy", lambda: c.copy_(a), 8 * n)):
             t0 = time.perf_counter()
             fn()
             probe = moved / (time.perf_counter() - t0)
