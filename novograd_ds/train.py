@@ -547,7 +547,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         plot_losses(metrics, out / "loss.png")
-        print(f"[novograd_ds.train] done: step {step}, train loss {metrics['train_loss']:.4f}, val loss "
+        tl = metrics["train_loss"] if metrics["train_loss"] is not None else float("nan")
+        print(f"[novograd_ds.train] done: step {step}, train loss {tl:.4f}, val loss "
               f"{metrics['val_loss']:.4f} vs unigram entropy {unigram:.4f} nats/token, "
               f"{metrics['tokens_per_second'] or 0:,.0f} tokens/s, wall {metrics['wall_time_s']:.0f} s -> {out}",
               flush=True)
