@@ -63,7 +63,9 @@ class StudyConfig:
     warmup_fraction: float = 0.1    # warmup runs: linear from 0 over this fraction of the steps
     big_batch_tokens: int = 32768   # the large-batch run: tokens per optimizer step
     big_batch_steps: int = 60
-    threads: int = 2
+    # NOTE: [one thread] On these 2-core machines a second intra-op thread makes every small op ~100x slower
+    # whenever the other core is busy (OpenMP wake-up latency); one thread is faster for this model size.
+    threads: int = 1
 
 
 def build_model(cfg: StudyConfig, vocab_size: int, seed: int, eot_id: int = 0) -> torch.nn.Module:
@@ -83,7 +85,58 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+class Combined:
+    """Two optimizers over disjoint parameters, stepped together (for the diagnostic variants only)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {p: st for o in self.opts for p, st in o.state.items()}
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+# Diagnostic NovoGrad variants, run at NovoGrad's best learning rate (``aux_lr``: AdamW's best, where AdamW is used).
+VARIANTS = {
+    # grad_averaging scales the momentum input by (1 - b1) = 0.05: 20x the learning rate keeps the step size.
+    "novograd+grad_averaging": "NovoGrad with grad_averaging=True at 20x the learning rate",
+    # Which tensors does the gap come from? Split the model between the two optimizers.
+    "novograd_blocks+adamw_rest": "NovoGrad on the Transformer blocks' matrices; AdamW on embeddings and 1-D tensors",
+    "adamw_blocks+novograd_rest": "AdamW on the Transformer blocks' matrices; NovoGrad on embeddings and 1-D tensors",
+}
+
+
+def _split_blocks(model):
+    blocks = [p for n, p in model.named_parameters() if ".h." in f".{n}" and p.dim() >= 2]
+    ids = {id(p) for p in blocks}
+    return blocks, [p for p in model.parameters() if id(p) not in ids]
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, aux_lr: float | None = None) -> torch.optim.Optimizer:
+    if name in VARIANTS:
+        nv, aw = OPTIMIZERS["novograd"]["kwargs"], OPTIMIZERS["adamw"]["kwargs"]
+        if name == "novograd+grad_averaging":
+            groups = param_groups(model, nv["weight_decay"])
+            for g in groups:
+                g["lr_scale"] = 20.0
+            return NovoGrad(groups, lr=lr, betas=nv["betas"], grad_averaging=True)
+        blocks, rest = _split_blocks(model)
+        nv_params, aw_params = (blocks, rest) if name == "novograd_blocks+adamw_rest" else (rest, blocks)
+        split = lambda ps, wd: [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": wd},
+                                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+        nv_groups = [g for g in split(nv_params, nv["weight_decay"]) if g["params"]]
+        aw_groups = [dict(g, lr_scale=aux_lr / lr) for g in split(aw_params, aw["weight_decay"]) if g["params"]]
+        return Combined(NovoGrad(nv_groups, lr=lr, betas=nv["betas"]),
+                        torch.optim.AdamW(aw_groups, lr=aux_lr, betas=aw["betas"]))
     kw = dict(OPTIMIZERS[name]["kwargs"])
     groups = param_groups(model, kw.pop("weight_decay"))
     if name == "novograd":
@@ -122,7 +175,7 @@ def evaluate(model, batches) -> float:
 
 
 def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: int, warmup: bool = False,
-              batch_tokens: int | None = None, steps: int | None = None) -> dict:
+              batch_tokens: int | None = None, steps: int | None = None, aux_lr: float | None = None) -> dict:
     steps = steps or cfg.steps
     tokens_per_micro = cfg.micro_batch * cfg.seq_len
     batch_tokens = batch_tokens or tokens_per_micro
@@ -130,7 +183,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
         raise ValueError(f"batch_tokens={batch_tokens} is not a multiple of micro_batch x seq_len = {tokens_per_micro}")
     accum = batch_tokens // tokens_per_micro
     model = build_model(cfg, corpus.vocab_size, seed, corpus.eot_id)
-    opt = make_optimizer(opt_name, model, lr)
+    opt = make_optimizer(opt_name, model, lr, aux_lr)
     warmup_steps = int(cfg.warmup_fraction * steps) if warmup else 0
     curve, train_curve = [], []
     t0 = time.perf_counter()
@@ -139,7 +192,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
     for step in range(steps):
         cur_lr = lr_at(step, steps, lr, warmup_steps, cfg.final_lr_fraction)
         for g in opt.param_groups:
-            g["lr"] = cur_lr
+            g["lr"] = cur_lr * g.get("lr_scale", 1.0)
         total = 0.0
         for micro in range(accum):
             b = sample_batch(corpus.train, cfg.micro_batch, cfg.seq_len, seed=(seed * 1_000_003 + step) * 4099 + micro)
@@ -177,14 +230,18 @@ class Study:
     def key(opt_name, lr, seed, warmup, batch_tokens):
         return f"{opt_name}|{lr:.6g}|{seed}|{int(warmup)}|{batch_tokens}"
 
-    def run(self, opt_name, lr, seed=0, warmup=False, batch_tokens=None, steps=None) -> dict:
+    def run(self, opt_name, lr, seed=0, warmup=False, batch_tokens=None, steps=None, aux_lr=None) -> dict:
         bt = batch_tokens or self.cfg.micro_batch * self.cfg.seq_len
         key = self.key(opt_name, lr, seed, warmup, bt)
+        if steps and steps != self.cfg.steps and bt == self.cfg.micro_batch * self.cfg.seq_len:
+            key += f"|steps={steps}"
+        if aux_lr is not None:
+            key += f"|aux_lr={aux_lr:.6g}"
         for r in self.data["runs"]:
             if r["key"] == key:
                 return r
         r = train_run(self.cfg, self.corpus, self.val, opt_name=opt_name, lr=lr, seed=seed, warmup=warmup,
-                      batch_tokens=batch_tokens, steps=steps)
+                      batch_tokens=batch_tokens, steps=steps, aux_lr=aux_lr)
         r["key"] = key
         self.data["runs"].append(r)
         self.save()
@@ -234,6 +291,12 @@ class Study:
         big_steps = 2 if self.tiny else self.cfg.big_batch_steps
         big_tokens = self.cfg.micro_batch * self.cfg.seq_len * 2 if self.tiny else self.cfg.big_batch_tokens
         self.run("novograd", best["novograd"], batch_tokens=big_tokens, steps=big_steps)
+        # What was tried where NovoGrad trails: variants at its best LR, and both optimizers trained 3x longer.
+        for name in VARIANTS:
+            self.run(name, best["novograd"], aux_lr=None if name == "novograd+grad_averaging" else best["adamw"],
+                     steps=2 if self.tiny else None)
+        for name in ("novograd", "adamw"):
+            self.run(name, best[name], steps=6 if self.tiny else 3 * self.cfg.steps)
         self.data["summary"] = summarize(self.data)
         self.save()
         return self.data
@@ -242,7 +305,7 @@ class Study:
 def summarize(data: dict) -> dict:
     cfg = data["config"]
     small = cfg["micro_batch"] * cfg["seq_len"]
-    runs = [r for r in data["runs"] if r["batch_tokens"] == small]
+    runs = [r for r in data["runs"] if r["batch_tokens"] == small and r["steps"] == cfg["steps"]]
     out = {"unigram_entropy": data.get("unigram_entropy")}
     for name in OPTIMIZERS:
         sweep = sorted((r["lr"], r["final_val_loss"]) for r in runs
@@ -268,6 +331,13 @@ def summarize(data: dict) -> dict:
         out["big_batch"] = dict(optimizer=r["optimizer"], lr=r["lr"], batch_tokens=r["batch_tokens"], steps=r["steps"],
                                 final_val_loss=r["final_val_loss"], diverged=r["diverged"],
                                 val_curve=r["val_curve"], monotone=all(b <= a + 1e-3 for a, b in zip(vals, vals[1:])))
+    out["variants"] = {name: dict(description=desc, final_val_loss=r["final_val_loss"], lr=r["lr"])
+                       for name, desc in VARIANTS.items()
+                       for r in data["runs"] if r["optimizer"] == name}
+    out["long"] = {r["optimizer"]: dict(steps=r["steps"], lr=r["lr"], final_val_loss=r["final_val_loss"],
+                                        val_curve=r["val_curve"])
+                   for r in data["runs"] if r["optimizer"] in OPTIMIZERS and r["batch_tokens"] == small
+                   and r["steps"] != cfg["steps"]}
     if "novograd" in out and "adamw" in out:
         out["state_ratio_novograd_adamw"] = out["novograd"]["state_bytes"] / out["adamw"]["state_bytes"]
         out["best_gap_novograd_minus_adamw"] = out["novograd"]["best_val_loss"] - out["adamw"]["best_val_loss"]
@@ -288,7 +358,8 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name in OPTIMIZERS:
         pts = sorted((r["lr"], r["final_val_loss"]) for r in data["runs"] if r["optimizer"] == name
-                     and r["seed"] == 0 and not r["warmup"] and r["batch_tokens"] == small)
+                     and r["seed"] == 0 and not r["warmup"] and r["batch_tokens"] == small
+                     and r["steps"] == cfg["steps"])
         pts = [(lr, v if math.isfinite(v) else np.nan) for lr, v in pts]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
     if s.get("unigram_entropy"):
@@ -308,7 +379,7 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
         lr = s[name]["best_lr"]
         for warm in (False, True):
             r = next((r for r in data["runs"] if r["optimizer"] == name and r["lr"] == lr and r["seed"] == 0
-                      and r["warmup"] == warm and r["batch_tokens"] == small), None)
+                      and r["warmup"] == warm and r["batch_tokens"] == small and r["steps"] == cfg["steps"]), None)
             if r is None:
                 continue
             ax.plot([c[0] for c in r["val_curve"]], [c[1] for c in r["val_curve"]], "--" if warm else "-",
@@ -385,6 +456,20 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
                                          for n, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD", sg))) + ".",
         "",
         *[f"![{p.stem}]({p.name})" for p in pngs],
+        "",
+        "## What was tried where NovoGrad trails",
+        "",
+        f"At NovoGrad's best learning rate ({nv['best_lr']:.4g}; AdamW's parts at {aw['best_lr']:.4g}), "
+        f"{cfg['steps']} steps, seed 0:",
+        "",
+        "| variant | validation loss |",
+        "|---|---|",
+        f"| NovoGrad as in the sweep | {nv['best_val_loss']:.4f} |",
+        f"| AdamW as in the sweep | {aw['best_val_loss']:.4f} |",
+        *[f"| {v['description']} | {v['final_val_loss']:.4f} |" for v in s.get("variants", {}).values()],
+        "",
+        *([f"Trained {next(iter(s['long'].values()))['steps']} steps instead of {cfg['steps']}: "
+           + ", ".join(f"{n} {r['final_val_loss']:.4f}" for n, r in s["long"].items()) + "."] if s.get("long") else []),
         "",
     ]
     doc.write_text("\n".join(lines))
