@@ -18,7 +18,10 @@ def test_tiny_study_end_to_end(tmp_path):
     data = json.loads((tmp_path / "study" / "results.json").read_text())
     s = data["summary"]
     names = {r["optimizer"] for r in data["runs"]}
-    assert names == {"novograd", "adamw", "sgd"}
+    assert names == {"novograd", "adamw", "sgd", "novograd+grad_averaging", "novograd_blocks+adamw_rest",
+                     "adamw_blocks+novograd_rest"}
+    assert set(s["variants"]) == names - {"novograd", "adamw", "sgd"}
+    assert set(s["long"]) == {"novograd", "adamw"}
     n_params = data["runs"][0]["n_params"]
     n_tensors_bytes = s["novograd"]["state_bytes"] - 4 * n_params
     # Analytic state sizes: AdamW 2 fp32 per element (+ a 0-dim fp32 step per tensor); SGD momentum 1;
@@ -32,5 +35,6 @@ def test_tiny_study_end_to_end(tmp_path):
     assert not s["big_batch"]["diverged"]
     page = doc.read_text()
     assert "| state bytes at most 0.51x AdamW's |" in page
+    assert "## What was tried where NovoGrad trails" in page
     assert (doc.parent / "study_lr_sweep.png").stat().st_size > 1000
     assert (doc.parent / "study_curves.png").stat().st_size > 1000
