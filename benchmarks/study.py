@@ -409,7 +409,8 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
     lines = [
         "# Results: NovoGrad vs AdamW vs SGD on the main job's LM task",
         "",
-        "Written by `benchmarks/study.py` from its `results.json`; rerun it to check every number here.",
+        "Written by `benchmarks/study.py` from its `results.json` (a copy: `docs/data/study_results.json`; "
+        "`--out` a folder holding it regenerates this page without training); rerun the study to check every number.",
         "",
         f"Command: `{command}`" + (f" (runtime {runtime_s / 60:.0f} min on 2 CPU cores)." if runtime_s else "."),
         "",
