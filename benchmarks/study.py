@@ -550,9 +550,7 @@ def main(argv=None) -> int:
     if args.steps:
         cfg.steps = args.steps
     torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
     data = Study(args.out, cfg, tiny=args.tiny).main()
-    runtime = time.perf_counter() - t0
     print(json.dumps({k: v for k, v in data["summary"].items() if k != "big_batch"}, indent=1))
     if args.write_docs:
         total = sum(r["wall_s"] for r in data["runs"])

@@ -400,7 +400,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     raw_cfg = load_ds_config(args.deepspeed_config)  # a missing file fails before any process group exists
     rank, world, local_rank = init_distributed()
     import deepspeed
-    import torch
     import torch.distributed as dist
 
     import novograd_ds  # noqa: F401  registers "type": "NovoGrad" with DeepSpeed

@@ -14,11 +14,10 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+from subproc import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--max-steps", "3", "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--seq-len", "64",
@@ -29,18 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _env(**extra) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("NOVOGRAD_DS_CACHE", str(Path(tempfile.gettempdir()) / "novograd_ds-test-cache"))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # These tests are about launchers/checkpoints, not kernels: skip the fused op's JIT build (75 s on a cold
-    # cache, and a wait on its lock while another process rebuilds it). tests/test_configs.py keeps the default.
-    env.setdefault("NOVOGRAD_DS_DISABLE_NATIVE", "1")
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
-        env.pop(k, None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return child_env(**extra)
 
 
 def _port() -> int:

@@ -11,7 +11,6 @@ are the TP groups; DP groups are {0,2},{1,3} (TP=2 x DP=2), or singletons (TP=2,
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest

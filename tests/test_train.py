@@ -7,12 +7,13 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from subproc import child_env
 
 from novograd_ds.lm import data as lmdata
 
@@ -22,17 +23,7 @@ TINY = ["--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--seq-len", "64", 
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("NOVOGRAD_DS_CACHE", str(Path(tempfile.gettempdir()) / "novograd_ds-test-cache"))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # These tests are about launchers/checkpoints, not kernels: skip the fused op's JIT build (75 s on a cold
-    # cache, and a wait on its lock while another process rebuilds it). tests/test_configs.py keeps the default.
-    env.setdefault("NOVOGRAD_DS_DISABLE_NATIVE", "1")
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(k, None)
-    return env
+    return child_env()
 
 
 def _train(*argv, check=True):

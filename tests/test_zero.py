@@ -89,7 +89,6 @@ def reference_bf16(world_size, steps=STEPS, clip=1.0):
 
     master = make_model()
     opt = NovoGrad(param_groups(master), **{k: v for k, v in OPT_PARAMS.items() if k != "weight_decay"})
-    names = [n for n, p in master.named_parameters() if p.requires_grad]
     for step in range(steps):
         lowp = copy.deepcopy(master).to(torch.bfloat16)
         acc = {n: torch.zeros_like(p) for n, p in master.named_parameters() if p.requires_grad}

@@ -13,7 +13,6 @@ collective per flat, on every TP rank; NOTE: [tensor-parallel layer norms] in tp
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

@@ -27,7 +27,7 @@ from ..optimizer import NovoGrad
 
 logger = logging.getLogger("novograd_ds")
 
-__all__ = ["register", "unregister", "bind", "is_registered", "check_engine_config", "VERIFIED_DEEPSPEED"]
+__all__ = ["register", "unregister", "bind", "is_registered", "status", "check_engine_config", "VERIFIED_DEEPSPEED"]
 
 #: DeepSpeed versions whose internals this integration was verified against: [low, high).
 VERIFIED_DEEPSPEED = ((0, 19), (0, 20))
@@ -60,6 +60,25 @@ def is_registered() -> bool:
     except ImportError:
         return False
     return getattr(DeepSpeedEngine._configure_optimizer, _WRAPPED_MARK, False)
+
+
+def status() -> dict[str, str]:
+    """What ``python -m novograd_ds.env`` reports about the integration."""
+    import deepspeed
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    version = getattr(deepspeed, "__version__", "0")
+    low, high = VERIFIED_DEEPSPEED
+    verified = f"{low[0]}.{low[1]} <= version < {high[0]}.{high[1]}"
+    return {
+        "deepspeed version": f"{version} ({'verified' if _version_ok(version) else 'NOT verified'}: {verified})",
+        '"type": "NovoGrad"': "resolves" if getattr(torch.optim, "NovoGrad", None) is NovoGrad else
+        "not registered (import novograd_ds, or novograd_ds.register())",
+        "ZeRO-supported": str(NovoGrad in getattr(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", [])),
+        "bind hook": "installed" if is_registered() else "not installed",
+        "autoregister": "off (NOVOGRAD_DS_AUTOREGISTER=0)" if os.environ.get("NOVOGRAD_DS_AUTOREGISTER") == "0"
+        else "on import",
+    }
 
 
 def register(*, force: bool = False) -> bool:
