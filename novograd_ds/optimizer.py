@@ -62,12 +62,16 @@ def second_moment_(v: Tensor, n: Tensor, vmax: Optional[Tensor], *, a2: float, c
     ``v``, ``n`` (and ``vmax``) are 1-D, one entry per layer, fp32 or fp64. With amsgrad ``vmax`` is
     updated to ``max(vmax, v)`` and used in place of ``v`` (on a first step ``vmax`` is 0, so it becomes v).
     """
-    v.mul_(a2).add_(n.to(v.dtype), alpha=c2)
+    # NOTE: [v in double] The EMA and the denominator are evaluated in float64 and rounded once to v's dtype,
+    # each product and sum rounded separately (no alpha=, which torch may evaluate as a fused multiply-add; and
+    # no fp32 sqrt, which torch's vectorised CPU kernel does not always round correctly). A native kernel that
+    # updates v itself (the fused backend's layer_step_) then reproduces it to the last bit.
+    v.copy_(v.double().mul_(a2).add_(n.double().mul_(c2)))
     used = v
     if vmax is not None:
         torch.maximum(vmax, v, out=vmax)
         used = vmax
-    return used.sqrt().add_(eps)
+    return used.double().sqrt().add_(eps).to(v.dtype)
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:
@@ -305,6 +309,15 @@ class NovoGrad(Optimizer):
             states = [self.state[p] for p in params]
             grads = [p.grad for p in params]
             a1, c1, a2, c2 = step_factors(states[0][STEP], beta1, beta2, group["grad_averaging"])
+
+            layer_step = getattr(kernels, "layer_step_", None)
+            if layer_step is not None and getattr(self, "_tp_group", None) is None and layer_step(
+                params, grads, [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
+                [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None,
+                lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+            ):
+                continue  # the fused CPU op did the whole step, one layer at a time (same numbers)
 
             n = kernels.sq_norms(grads)                              # n = sum(g*g) per layer
             if getattr(self, "_tp_group", None) is not None:  # issue 6: TP-split layers, see distributed/tp.py

@@ -182,6 +182,54 @@ def test_optimizer_fused_matches_reference(fused, flags, wd):
                 torch.testing.assert_close(sa[key], sb[key], **OPT_TOL)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)),
+                         ids=lambda f: "-".join(n for n, on in zip(FLAG_NAMES, f) if on) or "plain")
+def test_layer_at_a_time_equals_two_passes(fused, flags, grad_dtype):
+    """NOTE: [layer at a time]: one call doing norm, v and update per tensor is bit-identical to the two-pass path
+    (sq_norms, second_moment_ in Python, update), over sizes that span many chunks and both threads."""
+    from novograd_ds.optimizer import second_moment_, step_factors
+
+    ga, ams, dec = flags
+    shapes = [(2 ** 20 + 3,), (3 * 65536 + 5,), *TRANSFORMER_SHAPES]
+    gen = torch.Generator().manual_seed(3)
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for how in ("two passes", "layer at a time"):
+        w = [t.clone() for t in w0]
+        m = [torch.zeros_like(t) for t in w0]
+        v = [torch.zeros(()) for _ in w0]
+        vmax = [torch.zeros(()) for _ in w0] if ams else None
+        g_gen = torch.Generator().manual_seed(11)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for k in (1, 2, 3):
+                g = [(torch.randn(t.shape, generator=g_gen) * 10.0 ** (i % 5 - 2)).to(grad_dtype)
+                     for i, t in enumerate(w0)]
+                a1, c1, a2, c2 = step_factors(k, 0.9, 0.98, ga)
+                scal = dict(lr=0.05, weight_decay=0.01)
+                if how == "two passes":
+                    vv = torch.stack(v)
+                    vm = torch.stack(vmax) if ams else None
+                    d = second_moment_(vv, fused.sq_norms(g), vm, a2=a2, c2=c2, eps=1e-8)
+                    torch._foreach_copy_(v, list(vv.unbind(0)))
+                    if ams:
+                        torch._foreach_copy_(vmax, list(vm.unbind(0)))
+                    fused.update_(w, g, m, d, beta1=a1, grad_scale=c1, decoupled=dec, **scal)
+                else:
+                    assert fused.layer_step_(w, g, m, v, vmax, a1=a1, c1=c1, a2=a2, c2=c2, eps=1e-8,
+                                             decoupled=dec, **scal)
+        finally:
+            torch.set_num_threads(before)
+        runs.append((w, m, v, vmax))
+    for a, b in zip(*runs):
+        if a is None:
+            continue
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, **KERNEL_TOL)
+
+
 def test_low_precision_params_explicit_raises_auto_uses_foreach(fused):
     p = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
     p.grad = torch.randn(10, dtype=torch.bfloat16)

@@ -107,6 +107,24 @@ class FusedBackend(KernelBackend):
         self.module.update(params, grads, exp_avgs, d, float(lr), float(beta1), float(grad_scale),
                            float(weight_decay), bool(decoupled))
 
+    # -- the whole plain-path step in one call (CPU op; NOTE: [layer at a time] in novograd_cpu.cpp) --------
+    def layer_step_(self, params, grads, exp_avgs, vs, vmaxs, *, lr, a1, c1, a2, c2, eps, weight_decay,
+                    decoupled) -> bool:
+        """Norm, second moment and update of each tensor back to back; False when the op cannot take them.
+
+        ``vs``/``vmaxs`` are the tensors' 0-dim fp32 ``exp_avg_sq``/``max_exp_avg_sq`` states, updated in place
+        exactly as :func:`novograd_ds.optimizer.second_moment_` would.
+        """
+        layer_step = getattr(self.module, "layer_step", None)
+        if layer_step is None or len(params) == 0:
+            return False
+        params, grads, exp_avgs = list(params), list(grads), list(exp_avgs)
+        if self._unsupported(grads, params + exp_avgs + list(vs) + list(vmaxs or ())) is not None:
+            return False
+        layer_step(params, grads, exp_avgs, list(vs), list(vmaxs or ()), float(lr), float(a1), float(c1), float(a2),
+                   float(c2), float(eps), float(weight_decay), bool(decoupled))
+        return True
+
     # -- segment forms: one native call per flat tensor ------------------------------------------------
     @staticmethod
     def _table(segments: SegmentTable) -> Tensor:
