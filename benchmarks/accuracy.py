@@ -19,8 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rule import RuleOptimizer  # noqa: E402
-from test_optimizer import BETAS, FLAGS, STEPS, make_grads, make_params  # noqa: E402
+from test_optimizer import BETAS, FLAGS, STEPS, make_grads, make_params, run_beside_rule  # noqa: E402
 
 from novograd_ds import NovoGrad  # noqa: E402
 from novograd_ds.kernels.native import NativeOpUnavailable  # noqa: E402
@@ -40,16 +39,7 @@ def against_rule(backend: str, dtype: torch.dtype) -> dict[str, float] | None:
         params = make_params(dtype)
         try:
             opt = NovoGrad(params, lr=0.01, betas=betas, eps=1e-8, weight_decay=0.01, **flags, **BACKENDS[backend])
-            round_to = dtype if dtype in (torch.bfloat16, torch.float16) else None
-            ref = RuleOptimizer(params, round_to=round_to, lr=0.01, b1=betas[0], b2=betas[1], eps=1e-8, wd=0.01,
-                                grad_averaging=flags["grad_averaging"], amsgrad=flags["amsgrad"],
-                                decoupled=flags["decoupled_weight_decay"])
-            for step in range(1, STEPS + 1):
-                grads = make_grads(step, dtype)
-                for p, g in zip(params, grads):
-                    p.grad = None if g is None else g.clone()
-                opt.step()
-                ref.step(grads)
+            ref = run_beside_rule(opt, params, dtype, betas, flags)
         except NativeOpUnavailable:
             return None
         for i, p in enumerate(params):

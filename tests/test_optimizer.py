@@ -62,6 +62,21 @@ def run_ours(params, opt, dtype, steps=STEPS):
         opt.step()
 
 
+def run_beside_rule(opt, params, dtype, betas, flags) -> RuleOptimizer:
+    """STEPS steps of `opt` and of the float64 rule (lr 0.01, eps 1e-8, wd 0.01) on the same gradients."""
+    round_to = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    ref = RuleOptimizer(params, round_to=round_to, lr=0.01, b1=betas[0], b2=betas[1], eps=1e-8, wd=0.01,
+                        grad_averaging=flags["grad_averaging"], amsgrad=flags["amsgrad"],
+                        decoupled=flags["decoupled_weight_decay"])
+    for step in range(1, STEPS + 1):
+        grads = make_grads(step, dtype)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        ref.step(grads)
+    return ref
+
+
 def new_opt(params, backend, **kw):
     try:
         opt = NovoGrad(params, **BACKENDS[backend], **kw)
@@ -108,16 +123,7 @@ def test_matches_float64_rule(dtype, backend, betas, flags):
         with pytest.raises(NativeOpUnavailable, match=r"float32 parameters.*foreach=True"):
             opt.step()
         return
-    round_to = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    ref = RuleOptimizer(params, round_to=round_to, lr=0.01, b1=betas[0], b2=betas[1], eps=1e-8, wd=0.01,
-                        grad_averaging=flags["grad_averaging"], amsgrad=flags["amsgrad"],
-                        decoupled=flags["decoupled_weight_decay"])
-    for step in range(1, STEPS + 1):
-        grads = make_grads(step, dtype)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.clone()
-        opt.step()
-        ref.step(grads)
+    ref = run_beside_rule(opt, params, dtype, betas, flags)
     assert opt.backend == backend
     assert_state_matches_rule(opt, params, ref, dtype, flags["amsgrad"])
     # The layer that started late counted its own steps from 1; the skipping one did not count skips.
