@@ -57,9 +57,14 @@ def make_params(dtype: torch.dtype):
 
 def run_ours(params, opt, dtype, steps=STEPS):
     for step in range(1, steps + 1):
-        for p, g in zip(params, make_grads(step, dtype)):
-            p.grad = None if g is None else g.clone()
+        set_grads(params, make_grads(step, dtype))
         opt.step()
+
+
+def set_grads(params, grads) -> None:
+    """Give each parameter its own copy of this step's gradient (None: no gradient this step)."""
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
 
 
 def run_beside_rule(opt, params, dtype, betas, flags) -> RuleOptimizer:
@@ -70,8 +75,7 @@ def run_beside_rule(opt, params, dtype, betas, flags) -> RuleOptimizer:
                         decoupled=flags["decoupled_weight_decay"])
     for step in range(1, STEPS + 1):
         grads = make_grads(step, dtype)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.clone()
+        set_grads(params, grads)
         opt.step()
         ref.step(grads)
     return ref
@@ -161,8 +165,7 @@ def test_beta2_zero_v_is_current_squared_norm(backend):
     opt = new_opt(params, backend, lr=0.01, betas=(0.9, 0.0))
     for step in range(1, 6):
         grads = make_grads(step, torch.float32)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.clone()
+        set_grads(params, grads)
         opt.step()
         for p, g in zip(params, grads):
             if g is not None:
@@ -216,8 +219,7 @@ def test_step_does_not_write_grads(backend):
     opt = new_opt(params, backend, lr=0.1, weight_decay=0.1, grad_averaging=True)
     for step in range(1, 4):
         grads = make_grads(step, torch.float32)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.clone()
+        set_grads(params, grads)
         opt.step()
         for p, g in zip(params, grads):
             if g is not None:
@@ -241,8 +243,7 @@ def test_resume_after_k_steps_is_exact(backend, k):
     opt2 = new_opt(resumed, backend, lr=123.0)  # hyperparameters come from the state dict
     opt2.load_state_dict(saved)
     for step in range(k + 1, STEPS + 1):
-        for p, g in zip(resumed, make_grads(step, torch.float32)):
-            p.grad = None if g is None else g.clone()
+        set_grads(resumed, make_grads(step, torch.float32))
         opt2.step()
     for pa, pb in zip(full, resumed):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
