@@ -101,6 +101,9 @@ def main():
             json.dump(out, f, indent=2)
         print(f"train loss {out['first_train_loss']:.4f} -> {out['last_train_loss']:.4f}, eval loss {final:.4f}; {out['basic_optimizer']} in {out['optimizer_wrapper']}, "
               f"betas {out['betas']}")
+    if torch.distributed.is_initialized():  # no gloo threads left running at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -55,3 +55,6 @@ if rank == 0:
                    "optimizer_wrapper": type(engine.optimizer).__name__,
                    "world_size": torch.distributed.get_world_size(), "argv_local_rank": args.local_rank}, f)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} with {type(opt).__name__} in {type(engine.optimizer).__name__}")
+# Leave no communication threads running at interpreter exit (an undestroyed gloo group can abort a rank there).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

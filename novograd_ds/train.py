@@ -577,10 +577,21 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group at the end: a gloo group left to interpreter exit can abort a rank there
+    ("terminate called without an active exception") after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(argv)
         train(args)
+        shutdown_distributed()
     except (ConfigError, FileNotFoundError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank hits the same error; one says it
             print(f"novograd_ds.train: error: {e}", file=sys.stderr, flush=True)

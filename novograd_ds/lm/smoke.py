@@ -54,6 +54,7 @@ def main(argv=None) -> int:
             print(k, "error: " + v["error"] if "error" in v else
                   f"val {v['initial_val_loss']:.4f} -> {v['val_loss']:.4f} {v['basic_optimizer']} in "
                   f"{v['optimizer_wrapper']} ({v['param_dtype']})", flush=True)
+    T.shutdown_distributed()
     return 0
 
 
