@@ -1,4 +1,4 @@
-"""novograd_ds: NovoGrad for DeepSpeed and Megatron.
+"""novograd_ds: NovoGrad for DeepSpeed, PyTorch FSDP2 and Megatron.
 
 ``from novograd_ds import NovoGrad``. See README.md for the update rule and the DeepSpeed integration.
 
@@ -10,6 +10,7 @@ yourself before ``deepspeed.initialize``, or :func:`bind` right after it.
 import importlib.util as _ilu
 import os as _os
 
+from .integrations import fsdp2 as _fsdp2
 from .optimizer import NovoGrad
 
 __version__ = "0.1.0"
@@ -39,11 +40,14 @@ def bind(engine):
 
 
 def set_tensor_parallel_group(optimizer, group=None, *, mpu=None):
-    """Sum TP-split layers' norms over a TP group; see :func:`novograd_ds.distributed.tp.set_tensor_parallel_group`."""
-    from .distributed.tp import set_tensor_parallel_group as _set
+    """Sum TP-split layers' norms over a TP group; see :func:`novograd_ds.integrations.megatron.set_tensor_parallel_group`."""
+    from .integrations.megatron import set_tensor_parallel_group as _set
 
     _set(optimizer, group, mpu=mpu)
 
+
+# FSDP2 / DTensor parameters need no call: the optimizer asks this resolver about each parameter.
+_fsdp2.install()
 
 if _os.environ.get("NOVOGRAD_DS_AUTOREGISTER", "1") != "0" and _ilu.find_spec("deepspeed") is not None:
     register()

@@ -22,15 +22,17 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .kernels import KernelBackend
+from .kernels import KernelBackend, SegmentTable
 from .kernels.foreach import ForeachBackend
 from .kernels.reference import ReferenceBackend
+from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, expand_layer_values,
+                       group_spans, reduce_layer_max, reduce_layer_sums, resolve_param)
 
 logger = logging.getLogger("novograd_ds")
 
@@ -172,8 +174,13 @@ class NovoGrad(Optimizer):
         # Tensors this optimizer may step as whole layers: the ones it was built with. A tensor that is neither
         # one of these nor bound (a ZeRO flat partition DeepSpeed swapped in) is refused in step().
         self._own_ids: set[int] = {id(p) for g in self.param_groups for p in g["params"]}
-        # id(flat tensor) -> FlatLayout, set by novograd_ds.bind(engine) (see novograd_ds/distributed).
-        self._layouts: dict[int, Any] = {}
+        # id(flat tensor) -> FlatLayout, installed by an engine adapter (bind_layouts; NOTE: [the sharding contract]).
+        self._layouts: dict[int, FlatLayout] = {}
+        # name -> (group, select): optimizer-wide extra reductions (set_layer_reduction; e.g. tensor parallelism).
+        self._extra_reductions: dict[str, tuple[Any, Callable[[Tensor], bool]]] = {}
+        self._flat_reductions: dict[int, tuple[FlatLayout, tuple]] = {}
+        self._param_reductions: dict[int, tuple] = {}
+        self._param_shards: dict[int, Optional[ParamShard]] = {}
         # Test/diagnostic switch: step unknown tensors as if each were one layer (the per-shard mistake).
         self._naive_per_tensor = False
 
@@ -198,6 +205,8 @@ class NovoGrad(Optimizer):
         self.__dict__.setdefault("_backend_cache", {})
         self.__dict__.setdefault("_own_ids", {id(p) for g in self.param_groups for p in g["params"]})
         self.__dict__.setdefault("_layouts", {})
+        for name in ("_extra_reductions", "_flat_reductions", "_param_reductions", "_param_shards"):
+            self.__dict__.setdefault(name, {})
         self.__dict__.setdefault("_naive_per_tensor", False)
 
     # -- backend choice ----------------------------------------------------------------------------
@@ -225,49 +234,153 @@ class NovoGrad(Optimizer):
                 return backend
         return ForeachBackend()
 
-    # -- the step ----------------------------------------------------------------------------------
+    # -- the engine seam (NOTE: [the sharding contract] in sharding.py) ---------------------------------------------
+    def bind_layouts(self, layouts: Mapping[int, FlatLayout]) -> None:
+        """Install ``id(flat) -> FlatLayout`` for the flat tensors an engine hands to ``step()``; replaces earlier
+        bindings. Engine adapters call this (``novograd_ds.bind(engine)`` for DeepSpeed)."""
+        self._layouts = dict(layouts)
+        self._flat_reductions = {}
+
+    _bind_layouts = bind_layouts  # the name the DeepSpeed adapter used before the engine seam was public
+
+    @property
+    def is_bound(self) -> bool:
+        """True once an engine's flat tensors have been bound (``novograd_ds.bind`` for DeepSpeed)."""
+        return bool(self._layouts)
+
+    def set_layer_reduction(self, name: str, group: Any, select: Optional[Callable[[Tensor], bool]] = None) -> None:
+        """Also sum the squared gradient norm of every layer ``select(param)`` picks over ``group``.
+
+        For a split that cuts *some* layers across ranks on top of whatever the engine does, e.g. Megatron tensor
+        parallelism (``novograd_ds.set_tensor_parallel_group`` calls this with ``is_tensor_parallel``). It applies to
+        plain parameters and to every bound flat's layers (through ``FlatLayout.layer_params``), except where a flat's
+        own reduction group already contains every rank of ``group`` (the sum already covers them). ``group=None``
+        removes the reduction ``name``.
+        """
+        if group is None:
+            self._extra_reductions.pop(name, None)
+        else:
+            self._extra_reductions[name] = (group, select or (lambda p: True))
+        self._flat_reductions = {}
+        self._param_reductions = {}
+
+    def layer_reductions(self, tensor: Tensor) -> tuple[LayerReduction, ...]:
+        """The reductions applied to ``tensor``'s partial sums: a bound flat's (per layer) or a parameter's."""
+        layout = self._layouts.get(id(tensor))
+        if layout is not None and layout.tensor is tensor:
+            return self._reductions_of_flat(layout)
+        return self._reductions_of_param(tensor, self._shard_of(tensor))
+
+    def _reductions_of_flat(self, layout: FlatLayout) -> tuple[LayerReduction, ...]:
+        cached = self._flat_reductions.get(id(layout))
+        if cached is not None and cached[0] is layout:
+            return cached[1]
+        reds = list(layout.reductions)
+        params = layout.layer_params
+        for name, (group, select) in self._extra_reductions.items():
+            if params is None:
+                continue
+            mask = torch.tensor([bool(select(p)) for p in params], dtype=torch.bool)
+            if not bool(mask.any()):
+                continue
+            if any(group_spans(r.group, group) for r in layout.reductions):
+                logger.info("NovoGrad: %s: its partition group spans the ranks of the %s group; no second sum "
+                            "(the first already covers them)", layout.label, name)
+                continue
+            reds.append(LayerReduction(group, mask, name))
+        result = tuple(reds)
+        self._flat_reductions[id(layout)] = (layout, result)
+        return result
+
+    def _shard_of(self, p: Tensor) -> Optional[ParamShard]:
+        key = id(p)
+        if key not in self._param_shards:
+            self._param_shards[key] = resolve_param(p)
+        return self._param_shards[key]
+
+    def _reductions_of_param(self, p: Tensor, shard: Optional[ParamShard]) -> tuple[LayerReduction, ...]:
+        key = id(p)
+        cached = self._param_reductions.get(key)
+        if cached is not None:
+            return cached
+        reds = list(shard.reductions) if shard is not None else []
+        for name, (group, select) in self._extra_reductions.items():
+            if select(p) and not any(group_spans(r.group, group) for r in reds):
+                reds.append(LayerReduction(group, None, name))
+        result = tuple(reds)
+        self._param_reductions[key] = result
+        return result
+
+    # -- the step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step. ``closure`` re-evaluates the model and returns the loss.
+
+        Three phases over all param groups: each piece's local ``sum(g*g)``; one batched reduction per process group
+        (:func:`~novograd_ds.sharding.reduce_layer_sums`; none without sharding); then the second moments and the
+        element-wise updates. Tensors with no reduction may run all three at once in the fused op.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work: list[_Work] = []
         for group in self.param_groups:
-            self._step_group(group)
+            work.extend(self._prepare_group(group))
+        sums = reduce_layer_sums([(w.partial, w.reductions) for w in work])
+        for w, n in zip(work, sums):
+            w.finish(n)
         return loss
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _init_state(self, p: Tensor, group: dict[str, Any], shard: Optional[ParamShard] = None) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             state[STEP] = 0
-            state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[EXP_AVG_SQ] = torch.zeros((), dtype=vdtype, device=p.device)
+            state[EXP_AVG] = (shard.new_state(p) if shard is not None
+                              else torch.zeros_like(p, memory_format=torch.preserve_format))
+            local = shard.local(p) if shard is not None else p
+            state[EXP_AVG_SQ] = torch.zeros((), dtype=vdtype, device=local.device)
         if group["amsgrad"] and MAX_EXP_AVG_SQ not in state:
             state[MAX_EXP_AVG_SQ] = torch.zeros_like(state[EXP_AVG_SQ])
+        if isinstance(state[STEP], Tensor):  # a checkpoint written by another tool; normalise once
+            state[STEP] = int(state[STEP].cpu())
         return state
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        plain: list[tuple[int, Tensor]] = []
-        flats: list[tuple[Tensor, Any]] = []
+    def _prepare_group(self, group: dict[str, Any]) -> list[_Work]:
+        plain: list[tuple[int, Tensor, Optional[ParamShard], Tensor]] = []
+        idle: list[Tensor] = []  # sharded parameters without a gradient: they still take part in the reductions
+        flats: list[tuple[Tensor, FlatLayout]] = []
         unknown: list[Tensor] = []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue  # skipped: keeps its state and its step count
             layout = self._layouts.get(id(p))
             if layout is not None and layout.tensor is p:
                 flats.append((p, layout))
             elif id(p) in self._own_ids or self._naive_per_tensor:
-                plain.append((i, p))
-            else:
+                shard = self._shard_of(p)
+                g = p.grad if shard is None or p.grad is None else shard.grad(p)
+                if g is not None:
+                    plain.append((i, p, shard, g))
+                    continue
+                if p.requires_grad:
+                    # NOTE: [state for every trainable parameter] allocated (zeros, step 0) but not stepped, so that a
+                    # checkpoint holds state for every trainable parameter: torch.distributed.checkpoint's loader
+                    # creates state for all of them and fails on a key the saved checkpoint lacks.
+                    self._init_state(p, group, shard)
+                if self._reductions_of_param(p, shard):
+                    idle.append(p)
+            elif p.grad is not None:
                 unknown.append(p)
         if unknown:
             self._check_unknown(unknown)
+        work: list[_Work] = []
         if plain:
-            self._step_plain(group, plain)
+            work.extend(self._prepare_plain(group, plain))
+        if idle:
+            work.append(_IdleWork(self, idle))
         for p, layout in flats:
-            self._step_flat(group, p, layout)
+            work.append(_FlatWork(self, group, p, layout))
+        return work
 
     def _check_unknown(self, tensors: list[Tensor]) -> None:
         """Refuse tensors we were not built with and not bound to (a DeepSpeed wrapper's flat partitions).
@@ -287,67 +400,51 @@ class NovoGrad(Optimizer):
             "NOVOGRAD_DS_AUTOREGISTER=0), or call novograd_ds.bind(engine) right after deepspeed.initialize."
         )
 
-    def _step_plain(self, group: dict[str, Any], indexed: list[tuple[int, Tensor]]) -> None:
-        beta1, beta2 = group["betas"]
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for i, p in indexed:
-            g = p.grad
+    def _prepare_plain(self, group: dict[str, Any], items: list[tuple[int, Tensor, Optional[ParamShard], Tensor]]
+                       ) -> list[_Work]:
+        buckets: dict[tuple, list[tuple[Tensor, Optional[ParamShard], Tensor]]] = defaultdict(list)
+        for i, p, shard, g in items:
             if g.is_sparse:
                 raise RuntimeError(
                     f"NovoGrad does not support sparse gradients (param {i} of its group, shape {tuple(p.shape)}): "
                     "it needs each layer's dense squared norm. Use a dense layer, e.g. nn.Embedding(sparse=False)"
                 )
-            state = self._init_state(p, group)
-            if isinstance(state[STEP], Tensor):  # a checkpoint written by another tool; normalise once
-                state[STEP] = int(state[STEP].cpu())
-            state[STEP] += 1
-            buckets[(p.device, p.dtype, g.dtype, state[STEP] == 1)].append(p)
+            state = self._init_state(p, group, shard)
+            local_g = shard.local(g) if shard is not None else g
+            local_p = shard.local(p) if shard is not None else p
+            sharded = bool(self._reductions_of_param(p, shard))
+            buckets[(local_p.device, local_p.dtype, local_g.dtype, state[STEP] == 0, sharded)].append((p, shard, g))
 
-        for (device, _, _, _), params in buckets.items():
+        work: list[_Work] = []
+        for (device, _, _, first, sharded), entries in buckets.items():
             kernels = self._kernels(group, device)
             self.backend = kernels.name
-            states = [self.state[p] for p in params]
-            grads = [p.grad for p in params]
-            a1, c1, a2, c2 = step_factors(states[0][STEP], beta1, beta2, group["grad_averaging"])
+            if not first and not sharded and self._layer_step(group, kernels, entries):
+                continue  # the fused CPU op did norm, v and update one layer at a time (same numbers)
+            work.append(_PlainWork(self, group, kernels, entries, first))
+        return work
 
-            layer_step = getattr(kernels, "layer_step_", None)
-            if layer_step is not None and getattr(self, "_tp_group", None) is None and layer_step(
-                params, grads, [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
-                [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None,
-                lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            ):
-                continue  # the fused CPU op did the whole step, one layer at a time (same numbers)
+    def _layer_step(self, group: dict[str, Any], kernels: KernelBackend, entries) -> bool:
+        layer_step = getattr(kernels, "layer_step_", None)
+        if layer_step is None:
+            return False
+        params = [p for p, _, _ in entries]
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        a1, c1, a2, c2 = step_factors(states[0][STEP] + 1, beta1, beta2, group["grad_averaging"])
+        done = layer_step(
+            params, [g for _, _, g in entries], [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
+            [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None,
+            lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+        )
+        if done:
+            for s in states:
+                s[STEP] += 1
+        return bool(done)
 
-            n = kernels.sq_norms(grads)                              # n = sum(g*g) per layer
-            if getattr(self, "_tp_group", None) is not None:  # issue 6: TP-split layers, see distributed/tp.py
-                from .distributed.tp import reduce_plain_sq
-
-                n = reduce_plain_sq(n, params, self._tp_group)
-            v = torch.stack([s[EXP_AVG_SQ] for s in states])
-            vmax = torch.stack([s[MAX_EXP_AVG_SQ] for s in states]) if group["amsgrad"] else None
-            denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
-            torch._foreach_copy_([s[EXP_AVG_SQ] for s in states], list(v.unbind(0)))
-            if vmax is not None:
-                torch._foreach_copy_([s[MAX_EXP_AVG_SQ] for s in states], list(vmax.unbind(0)))
-
-            kernels.update_(
-                params, grads, [s[EXP_AVG] for s in states], denoms,
-                lr=group["lr"], beta1=a1, grad_scale=c1,
-                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-            )
-
-    # -- bound flat tensors (DeepSpeed ZeRO / bf16 / fp16 wrappers) ------------------------------------------
-    def _bind_layouts(self, layouts: dict[int, Any]) -> None:
-        """Install ``id(flat) -> FlatLayout`` (see :mod:`novograd_ds.distributed`); replaces earlier bindings."""
-        self._layouts = dict(layouts)
-
-    @property
-    def is_bound(self) -> bool:
-        """True once a DeepSpeed wrapper's flat tensors have been bound (``novograd_ds.bind``)."""
-        return bool(self._layouts)
-
-    def _init_flat_state(self, p: Tensor, layout: Any, group: dict[str, Any]) -> dict[str, Any]:
+    # -- bound flat tensors: state ------------------------------------------------------------------------------------
+    def _init_flat_state(self, p: Tensor, layout: FlatLayout, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         if EXP_AVG_LAYER not in state:
@@ -371,45 +468,11 @@ class NovoGrad(Optimizer):
         return state
 
     @staticmethod
-    def _fold_layer_values(per_element: Tensor, layout: Any, vdtype: torch.dtype) -> Tensor:
+    def _fold_layer_values(per_element: Tensor, layout: FlatLayout, vdtype: torch.dtype) -> Tensor:
         """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees."""
-        from .distributed.layout import compact_layer_values
-        from .distributed.reduce import reduce_layer_max
-
         values, _ = compact_layer_values(per_element.detach().to(dtype=vdtype), layout.segments, layout.n_layers)
         # v >= 0, so a MAX over the group fills in layers this rank holds no segment of (those are 0 here)
-        return reduce_layer_max(values, layout)
-
-    def _step_flat(self, group: dict[str, Any], p: Tensor, layout: Any) -> None:
-        """One step of a flat tensor whose elements are slices of ``layout.n_layers`` layers.
-
-        NOTE: [the collective contract] in novograd_ds/distributed/reduce.py: the per-layer reduction below is
-        issued on every rank for every bound flat, whatever this rank's segments are.
-        """
-        from .distributed.reduce import reduce_layer_sq
-
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError("NovoGrad: a DeepSpeed flat partition has a sparse gradient; this is not supported")
-        beta1, beta2 = group["betas"]
-        state = self._init_flat_state(p, layout, group)
-        k = state[STEP] + 1
-        a1, c1, a2, c2 = step_factors(k, beta1, beta2, group["grad_averaging"])
-        kernels = self._kernels(group, p.device)
-        self.backend = kernels.name
-
-        partial = kernels.sq_norms_segments(g, layout.segments, layout.n_layers)
-        n = reduce_layer_sq(partial, layout)
-        v = state[EXP_AVG_LAYER]
-        vmax = state.get(MAX_EXP_AVG_LAYER) if group["amsgrad"] else None
-        denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
-        kernels.update_segments_(
-            p, g, state[EXP_AVG], layout.segments, denoms,
-            lr=group["lr"], beta1=a1, grad_scale=c1,
-            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-        )
-        state[STEP] = k
-
+        return reduce_layer_max(values, layout.reductions)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -421,8 +484,6 @@ class NovoGrad(Optimizer):
         every element holds its layer's v (0 on padding). After a load, the first step folds it back to per-layer
         values (exactly: the elements are copies) and drops it.
         """
-        from .distributed.layout import expand_layer_values
-
         sd = super().state_dict()
         index = 0
         for group in self.param_groups:
@@ -466,3 +527,169 @@ class NovoGrad(Optimizer):
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             for k, t in entries.items():
                 self.state[p][k] = t.detach().to(device=p.device, dtype=vdtype).clone()
+
+
+# -- one piece of a step's work: its local partial sums, their reductions, and what to do with the sums ----------------
+class _Work:
+    partial: Tensor
+    reductions: tuple = ()
+
+    def finish(self, n: Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _entry_reductions(per_entry: Sequence[tuple[LayerReduction, ...]]) -> tuple[LayerReduction, ...]:
+    """Per-entry reductions of a bucket as masked reductions over the bucket's vector (one per distinct group)."""
+    groups: list[tuple[Any, str]] = []
+    for reds in per_entry:
+        for r in reds:
+            if not any(r.group is g for g, _ in groups):
+                groups.append((r.group, r.label))
+    out = []
+    for g, label in groups:
+        mask = torch.tensor([any(r.group is g for r in reds) for reds in per_entry], dtype=torch.bool)
+        out.append(LayerReduction(g, None if bool(mask.all()) else mask, label))
+    return tuple(out)
+
+
+class _PlainWork(_Work):
+    """Parameters stepped as whole layers (or, sharded, as their local pieces): one bucket of one device/dtype."""
+
+    def __init__(self, opt: NovoGrad, group: dict[str, Any], kernels: KernelBackend, entries, first: bool):
+        self.opt, self.group, self.kernels, self.first = opt, group, kernels, first
+        self.params = [p for p, _, _ in entries]
+        self.shards = [s for _, s, _ in entries]
+        self.grads = [s.local(g) if s is not None else g for _, s, g in entries]
+        self.partial = kernels.sq_norms(self.grads)                      # n = sum(g*g), this rank's piece
+        self.reductions = _entry_reductions([opt._reductions_of_param(p, s) for p, s, _ in entries])
+
+    def finish(self, n: Tensor) -> None:
+        opt, group = self.opt, self.group
+        keep = list(range(len(self.params)))
+        if self.first:
+            # NOTE: [no gradient, no step] A layer's first step needs a gradient: an exactly-zero one (torch's DCP
+            # initialises optimizer state with a zero-gradient step at lr=0) allocates state but counts no step, so
+            # the real first gradient later gets k = 1. One small host read, on a tensor's first step only.
+            nonzero = (n != 0).cpu().tolist()
+            keep = [i for i in keep if nonzero[i]]
+            if not keep:
+                return
+            if len(keep) < len(self.params):
+                n = n.index_select(0, torch.tensor(keep, device=n.device))
+        params = [self.params[i] for i in keep]
+        shards = [self.shards[i] for i in keep]
+        grads = [self.grads[i] for i in keep]
+        states = [opt.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        a1, c1, a2, c2 = step_factors(states[0][STEP] + 1, beta1, beta2, group["grad_averaging"])
+        v = torch.stack([s[EXP_AVG_SQ] for s in states])
+        vmax = torch.stack([s[MAX_EXP_AVG_SQ] for s in states]) if group["amsgrad"] else None
+        denoms = second_moment_(v, n.to(v.device), vmax, a2=a2, c2=c2, eps=group["eps"])
+        torch._foreach_copy_([s[EXP_AVG_SQ] for s in states], list(v.unbind(0)))
+        if vmax is not None:
+            torch._foreach_copy_([s[MAX_EXP_AVG_SQ] for s in states], list(vmax.unbind(0)))
+        local = [(sh.local(p), sh.local(s[EXP_AVG])) if sh is not None else (p, s[EXP_AVG])
+                 for p, sh, s in zip(params, shards, states)]
+        self.kernels.update_(
+            [w for w, _ in local], grads, [m for _, m in local], denoms,
+            lr=group["lr"], beta1=a1, grad_scale=c1,
+            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+        )
+        for s in states:
+            s[STEP] += 1
+
+
+class _IdleWork(_Work):
+    """Sharded parameters without a gradient this step: they add zeros, so every rank's reductions stay the same."""
+
+    def __init__(self, opt: NovoGrad, params: list[Tensor]):
+        self.partial = torch.zeros(len(params))
+        self.reductions = _entry_reductions([opt._reductions_of_param(p, opt._shard_of(p)) for p in params])
+
+    def finish(self, n: Tensor) -> None:
+        pass
+
+
+class _FlatWork(_Work):
+    """One bound flat tensor: segments of many layers, each with its own second moment.
+
+    NOTE: [no gradient, no step] (flats) DeepSpeed hands a flat gradient in which a parameter that got no gradient
+    is zeros, so inside a flat "no gradient" can only be seen as "a layer whose whole gradient is exactly zero" (summed
+    over every rank). Such a layer takes no step: its v, m, weights and first-step state stay as they are, as a plain
+    parameter whose ``grad`` is None. A layer that has never stepped has ``v == 0`` (its first step had a nonzero
+    gradient, so v > 0 after it); its next step is its first (k = 1). This costs one read of two small per-layer flag
+    vectors to the host per flat and step.
+    """
+
+    def __init__(self, opt: NovoGrad, group: dict[str, Any], p: Tensor, layout: FlatLayout):
+        self.opt, self.group, self.p, self.layout = opt, group, p, layout
+        g = p.grad
+        if g is not None and g.is_sparse:
+            raise RuntimeError("NovoGrad: a DeepSpeed flat partition has a sparse gradient; this is not supported")
+        self.state = opt._init_flat_state(p, layout, group)
+        self.kernels = opt._kernels(group, p.device)
+        opt.backend = self.kernels.name
+        if g is None:  # still part of the reduction (the collective contract); nothing to update
+            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            self.partial = torch.zeros(layout.n_layers, dtype=acc, device=p.device)
+        else:
+            self.partial = self.kernels.sq_norms_segments(g, layout.segments, layout.n_layers)
+        self.reductions = opt._reductions_of_flat(layout)
+
+    def finish(self, n: Tensor) -> None:
+        p, layout, state, group = self.p, self.layout, self.state, self.group
+        if p.grad is None:
+            return
+        v = state[EXP_AVG_LAYER]
+        vmax = state.get(MAX_EXP_AVG_LAYER) if group["amsgrad"] else None
+        n = n.to(v.device)
+        flags = torch.stack([n == 0, v == 0]).cpu()
+        skip, fresh = flags[0], flags[1] & ~flags[0]
+        later = ~(flags[0] | flags[1])
+        if bool(skip.all()):
+            return
+        beta1, beta2 = group["betas"]
+        _, c1, _, _ = step_factors(2, beta1, beta2, group["grad_averaging"])
+        if bool(fresh.any()) and bool(later.any()):
+            on = fresh.to(v.device)
+            a2 = torch.full(v.shape, beta2, dtype=torch.float64, device=v.device).masked_fill_(on, 0.0)
+            c2 = torch.full(v.shape, 1.0 - beta2, dtype=torch.float64, device=v.device).masked_fill_(on, 1.0)
+        elif bool(fresh.any()):
+            a2, c2 = 0.0, 1.0
+        else:
+            a2, c2 = beta2, 1.0 - beta2
+        if bool(skip.any()):
+            keep_v = v.clone()
+            keep_vmax = vmax.clone() if vmax is not None else None
+        denoms = second_moment_(v, n, vmax, a2=a2, c2=c2, eps=group["eps"])
+        if bool(skip.any()):
+            on = skip.to(v.device)
+            v.copy_(torch.where(on, keep_v, v))
+            if vmax is not None:
+                vmax.copy_(torch.where(on, keep_vmax, vmax))
+        scalars = dict(lr=group["lr"], weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"])
+        for mask, a1, c in ((fresh, 0.0, 1.0), (later, beta1, c1)):
+            if bool(mask.any()):
+                segments = layout.segments if bool(mask.all()) else _segments_of_layers(layout, mask)
+                self.kernels.update_segments_(p, p.grad, state[EXP_AVG], segments, denoms, beta1=a1, grad_scale=c,
+                                              **scalars)
+        state[STEP] += 1
+
+
+_subtables: dict[tuple[int, bytes], tuple[FlatLayout, SegmentTable]] = {}
+
+
+def _segments_of_layers(layout: FlatLayout, mask: Tensor) -> SegmentTable:
+    """The rows of ``layout.segments`` whose layer ``mask`` selects (cached: the masks rarely change)."""
+    key = (id(layout), bytes(mask.numpy().tobytes()))
+    hit = _subtables.get(key)
+    if hit is None or hit[0] is not layout:
+        seg = layout.segments
+        rows = [j for j, k in enumerate(seg.layers) if bool(mask[k])]
+        table = SegmentTable([seg.offsets[j] for j in rows], [seg.lengths[j] for j in rows],
+                             [seg.layers[j] for j in rows])
+        if len(_subtables) > 4096:
+            _subtables.clear()
+        hit = (layout, table)
+        _subtables[key] = hit
+    return hit[1]

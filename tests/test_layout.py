@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from novograd_ds.distributed.layout import (
-    FlatLayout, compact_layer_values, contiguous_segments, expand_layer_values, zero12_segments, zero3_segments,
-)
+from novograd_ds.integrations.zero_layout import contiguous_segments, zero12_segments, zero3_segments
+from novograd_ds.sharding import FlatLayout, compact_layer_values, expand_layer_values
 from novograd_ds.kernels import SegmentTable
 from novograd_ds.kernels.foreach import ForeachBackend
 

@@ -32,7 +32,7 @@ NAMES = ["ln1.weight", "ln1.bias", "wq", "bq", "wk", "wv", "bv", "wo", "bo",
 
 # -- quick, in-process ----------------------------------------------------------------------------------------------
 def test_tp_layer_mask_follows_megatron_attributes():
-    from novograd_ds.distributed.tp import tp_layer_mask
+    from novograd_ds.integrations.megatron import tp_layer_mask
 
     ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
     ps[1].tensor_model_parallel = True
@@ -282,7 +282,8 @@ def train_ds(mpu, stage, *, client, tp_off=False):
     else:
         params = gather_full(engine.module, mpu.tp_group, tp)
     info = {"wrapper": type(engine.optimizer).__name__,
-            "tp_layouts": sum(lay.tp_group is not None for lay in engine.basic_optimizer._layouts.values())}
+            "tp_layouts": sum(any(r.label == "tensor parallel" for r in engine.basic_optimizer.layer_reductions(lay.tensor))
+                              for lay in engine.basic_optimizer._layouts.values())}
     return params, info
 
 
@@ -322,7 +323,6 @@ CONFIGS = {
 
 def tp_worker(rank, world_size, names):
     import novograd_ds  # noqa: F401  (registers NovoGrad)
-    from novograd_ds.distributed import tp as tpmod
 
     tp_group, dp_group, single = make_groups(rank, world_size, 2)
     refs = {1: reference(1), 2: reference(2)}
@@ -338,15 +338,22 @@ def tp_worker(rank, world_size, names):
         results[name] = dict(info, err=rel_err(params, refs[dp]), params=params)
 
     # the ZeRO-3 exception: a partition group that spans the TP ranks gets no TP reduction
-    from novograd_ds.distributed.layout import FlatLayout
+    from novograd_ds import NovoGrad, set_tensor_parallel_group
     from novograd_ds.kernels import SegmentTable
+    from novograd_ds.sharding import FlatLayout, LayerReduction
 
     marked = torch.nn.Parameter(torch.zeros(2))
     marked.tensor_model_parallel = True
-    spans = FlatLayout(SegmentTable([0], [2], [0]), 1, 2, group=torch.distributed.group.WORLD, layer_params=[marked])
-    narrow = FlatLayout(SegmentTable([0], [2], [0]), 1, 2, group=dp_group, layer_params=[marked])
-    tpmod.attach_tp_group([spans, narrow], tp_group)
-    results["spans"] = (spans.tp_group is None, narrow.tp_group is tp_group)
+    flat_a, flat_b = torch.zeros(2), torch.zeros(2)
+    world = torch.distributed.group.WORLD
+    spans = FlatLayout(SegmentTable([0], [2], [0]), 1, 2, (LayerReduction(world),), tensor=flat_a, layer_params=[marked])
+    narrow = FlatLayout(SegmentTable([0], [2], [0]), 1, 2, (LayerReduction(dp_group),), tensor=flat_b,
+                        layer_params=[marked])
+    opt = NovoGrad([marked])
+    opt.bind_layouts({id(flat_a): spans, id(flat_b): narrow})
+    set_tensor_parallel_group(opt, tp_group)
+    tp_of = [[r.group for r in opt.layer_reductions(t) if r.label == "tensor parallel"] for t in (flat_a, flat_b)]
+    results["spans"] = (tp_of[0] == [], len(tp_of[1]) == 1 and tp_of[1][0] is tp_group)
     return results
 
 

@@ -200,13 +200,12 @@ def bind(engine: Any) -> Optional[NovoGrad]:
     ``deepspeed.initialize`` if registration was off (``NOVOGRAD_DS_AUTOREGISTER=0``) or skipped. Idempotent.
     Returns the bound NovoGrad, or None if the engine's optimizer is not a NovoGrad.
     """
-    from ..distributed.zero import layouts_for_engine
+    from .megatron import configure_from_engine
+    from .zero import layouts_for_engine
 
     basic = getattr(engine, "basic_optimizer", None)
     if not isinstance(basic, NovoGrad):
         return None
-    basic._bind_layouts(layouts_for_engine(engine, basic))
-    from ..distributed.tp import configure_from_engine
-
-    configure_from_engine(basic, engine)  # issue 6: TP group from engine.mpu (or an explicit one) onto the layouts
+    basic.bind_layouts(layouts_for_engine(engine, basic))
+    configure_from_engine(basic, engine)  # the TP group from engine.mpu (or an explicit one), see megatron.py
     return basic

@@ -1,7 +1,7 @@
 """DeepSpeed adapters: the ONLY module that reads DeepSpeed wrapper internals (verified on DeepSpeed 0.19.x).
 
 For each wrapper DeepSpeed may put around the basic optimizer, :func:`layouts_for_engine` returns one
-:class:`~novograd_ds.distributed.layout.FlatLayout` per tensor the wrapper will hand to ``NovoGrad.step()``, keyed
+:class:`~novograd_ds.sharding.FlatLayout` per tensor the wrapper will hand to ``NovoGrad.step()``, keyed
 by ``id(tensor)``. See docs/zero.md for what each wrapper hands over.
 
 * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): flat = ``single_partition_of_fp32_groups[i]``; offsets from
@@ -18,21 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .layout import FlatLayout, contiguous_segments, whole_tensor_layout, zero12_segments, zero3_segments
+from ..sharding import FlatLayout, LayerReduction, whole_tensor_layout
+from .zero_layout import contiguous_segments, zero12_segments, zero3_segments
 
 __all__ = ["layouts_for_engine", "layouts_for_wrapper"]
 
-
-def _comm_device(tensor: torch.Tensor) -> torch.device:
-    """Where a reduction vector must live: the accelerator's current device (NCCL needs it), else the tensor's."""
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.device(get_accelerator().current_device_name())
-    except Exception:  # pragma: no cover - deepspeed without an accelerator
-        return tensor.device
+_DP = "data parallel"
 
 
 def _zero12(zo: Any) -> dict[int, FlatLayout]:
@@ -50,9 +41,8 @@ def _zero12(zo: Any) -> dict[int, FlatLayout]:
             rank=rank,
             partition_size=zo.partition_size[i],
         )
-        out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), group=pg,
-                                   comm_device=_comm_device(flat), label=f"zero12 group {i}", tensor=flat,
-                                   layer_params=list(zo.bit16_groups[i]))
+        out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), (LayerReduction(pg, None, _DP),),
+                                   label=f"zero12 group {i}", tensor=flat, layer_params=list(zo.bit16_groups[i]))
     return out
 
 
@@ -65,9 +55,8 @@ def _zero3(z3: Any) -> dict[int, FlatLayout]:
         params = z3.fp16_groups[sg]
         segments = zero3_segments([p.partition_numel() for p in params], [p.ds_numel for p in params],
                                   rank=dist.get_rank(group=pg))
-        out[id(flat)] = FlatLayout(segments, len(params), flat.numel(), group=pg, comm_device=_comm_device(flat),
-                                   label=f"zero3 sub-group {sg}", tensor=flat,
-                                   layer_params=list(params))
+        out[id(flat)] = FlatLayout(segments, len(params), flat.numel(), (LayerReduction(pg, None, _DP),),
+                                   label=f"zero3 sub-group {sg}", tensor=flat, layer_params=list(params))
     return out
 
 
@@ -80,9 +69,8 @@ def _bf16(bo: Any) -> dict[int, FlatLayout]:
         world = dist.get_world_size(group=pg)
         segments = contiguous_segments([p.numel() for p in bo.bf16_groups[i]], rank=dist.get_rank(group=pg),
                                        partition_size=bo.bf16_groups_flat[i].numel() // world)
-        out[id(flat)] = FlatLayout(segments, len(bo.bf16_groups[i]), flat.numel(), group=pg,
-                                   comm_device=_comm_device(flat), label=f"bf16 group {i}", tensor=flat,
-                                   layer_params=list(bo.bf16_groups[i]))
+        out[id(flat)] = FlatLayout(segments, len(bo.bf16_groups[i]), flat.numel(), (LayerReduction(pg, None, _DP),),
+                                   label=f"bf16 group {i}", tensor=flat, layer_params=list(bo.bf16_groups[i]))
     return out
 
 

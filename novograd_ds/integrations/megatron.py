@@ -11,18 +11,20 @@ Which tensors are split: those with ``tensor_model_parallel=True`` (Megatron-LM,
 AutoTP set it, together with ``partition_dim``/``partition_stride``, which a sum of squares does not need) or the
 older ``model_parallel=True`` (the same test as ``deepspeed.runtime.utils.is_model_parallel_parameter``).
 
-The reduction, per flat tensor (``reduce.reduce_layer_sq``) or per plain-path bucket (``reduce_plain_sq``),
-after the data-parallel SUM::
+The adapter registers one optimizer-wide reduction with the core (``NovoGrad.set_layer_reduction("tensor parallel",
+tp_group, is_tensor_parallel)``): after the data-parallel SUM, the core sums the layers that ``is_tensor_parallel``
+picks once more over the TP group, batched with every other reduction of the step (``sharding.reduce_layer_sums``)::
 
     sq_tp = where(mask, sq, 0); all_reduce(sq_tp, SUM, tp_group); sq = where(mask, sq_tp, sq)
 
-one collective, issued on every TP rank: the mask only depends on the model's structure, which is the same on
-every rank of a TP group, never on which segments this rank happens to hold.
+issued on every TP rank: the mask only depends on the model's structure, which is the same on every rank of a TP
+group, never on which segments this rank happens to hold.
 
 Exception (ZeRO-3): when a tensor's ZeRO partition group already contains every rank of the TP group (e.g.
 ``deepspeed.zero.Init`` partitioned over all ranks before AutoTP built its groups), the data-parallel SUM has
 already added the TP ranks' pieces; a second SUM would double-count, so such a layout gets no TP reduction
-(the rule of DeepSpeed's ``stage3.py: _grad_norm_counts_every_rank``).
+(the rule of DeepSpeed's ``stage3.py: _grad_norm_counts_every_rank``). The core applies that rule to every
+optimizer-wide reduction.
 
 Public API: :func:`set_tensor_parallel_group` (also ``novograd_ds.set_tensor_parallel_group``). Under
 ``deepspeed.initialize(..., mpu=...)`` it is called for you when the engine binds NovoGrad.
@@ -45,16 +47,13 @@ __all__ = [
     "resolve_tp_group",
     "is_tensor_parallel",
     "tp_layer_mask",
-    "masked_tp_all_reduce",
-    "reduce_plain_sq",
-    "attach_tp_group",
-    "group_spans",
     "configure_from_engine",
+    "TP_REDUCTION",
 ]
 
-# attribute names on the NovoGrad instance (it is created before any of this runs, so they are read with getattr)
-_GROUP_ATTR = "_tp_group"          # the resolved TP group, or None (no tensor parallelism / TP degree 1)
-_EXPLICIT_ATTR = "_tp_explicit"    # True once the user called set_tensor_parallel_group (wins over engine.mpu)
+#: The name of the optimizer-wide reduction this adapter registers (``NovoGrad.set_layer_reduction``).
+TP_REDUCTION = "tensor parallel"
+_EXPLICIT_ATTR = "_tp_explicit"    # set on the optimizer once the user called set_tensor_parallel_group
 
 
 # -- which tensors are split --------------------------------------------------------------------------------------
@@ -76,22 +75,6 @@ def tp_layer_mask(params: Sequence[Tensor]) -> Optional[Tensor]:
 
 
 # -- process groups -----------------------------------------------------------------------------------------------
-def _group_size(group: Any) -> int:
-    return dist.get_world_size(group=group)
-
-
-def _group_ranks(group: Any) -> list[int]:
-    """Global ranks of ``group`` (``None`` = the default group)."""
-    if group is None or group is dist.group.WORLD:
-        return list(range(dist.get_world_size()))
-    return list(dist.get_process_group_ranks(group))
-
-
-def group_spans(outer: Any, inner: Any) -> bool:
-    """True if every global rank of ``inner`` is also in ``outer``."""
-    return set(_group_ranks(outer)).issuperset(_group_ranks(inner))
-
-
 def resolve_tp_group(group: Any = None, *, mpu: Any = None) -> Any:
     """The TP process group from a group or an ``mpu``; ``None`` when there is no TP (or its degree is 1).
 
@@ -111,7 +94,7 @@ def resolve_tp_group(group: Any = None, *, mpu: Any = None) -> Any:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("NovoGrad: a tensor-parallel group was given but torch.distributed is not initialised; "
                            "call torch.distributed.init_process_group (or deepspeed.init_distributed) first")
-    return group if _group_size(group) > 1 else None
+    return group if dist.get_world_size(group=group) > 1 else None
 
 
 def _group_from_mpu(mpu: Any) -> Any:
@@ -141,7 +124,7 @@ def set_tensor_parallel_group(optimizer: Any, group: Any = None, *, mpu: Any = N
     first step, before or after ``deepspeed.initialize``. Not needed when DeepSpeed was given ``mpu=``: binding the
     engine does it from ``engine.mpu``; an explicit call takes precedence over ``engine.mpu``.
     """
-    from ..optimizer import NovoGrad
+    from ..optimizer import NovoGrad  # for the type check only
 
     if not isinstance(optimizer, NovoGrad):
         raise TypeError(f"set_tensor_parallel_group: expected a novograd_ds.NovoGrad, got {type(optimizer).__name__}"
@@ -152,23 +135,19 @@ def set_tensor_parallel_group(optimizer: Any, group: Any = None, *, mpu: Any = N
 
 def get_tensor_parallel_group(optimizer: Any) -> Any:
     """The TP group ``optimizer`` reduces over, or ``None``."""
-    return getattr(optimizer, _GROUP_ATTR, None)
+    entry = getattr(optimizer, "_extra_reductions", {}).get(TP_REDUCTION)
+    return entry[0] if entry is not None else None
 
 
 def _install(optimizer: Any, group: Any) -> None:
-    setattr(optimizer, _GROUP_ATTR, group)
-    layouts = getattr(optimizer, "_layouts", None)
-    if layouts:
-        attach_tp_group(layouts.values(), group)
+    optimizer.set_layer_reduction(TP_REDUCTION, group, is_tensor_parallel)
 
 
 def configure_from_engine(optimizer: Any, engine: Any) -> None:
-    """Called by ``novograd_ds.bind(engine)``: take the TP group from ``engine.mpu`` unless one was set explicitly,
-    and attach it to the freshly bound layouts."""
+    """Called by ``novograd_ds.bind(engine)``: take the TP group from ``engine.mpu`` unless one was set explicitly."""
     if getattr(optimizer, _EXPLICIT_ATTR, False):
-        group = getattr(optimizer, _GROUP_ATTR, None)
-    else:
-        group = resolve_tp_group(mpu=getattr(engine, "mpu", None))
+        return
+    group = resolve_tp_group(mpu=getattr(engine, "mpu", None))
     _install(optimizer, group)
     if group is None and any(is_tensor_parallel(p) for p in _model_params(engine)):
         logger.warning(
@@ -182,65 +161,3 @@ def configure_from_engine(optimizer: Any, engine: Any) -> None:
 def _model_params(engine: Any) -> Iterable[Tensor]:
     module = getattr(engine, "module", None)
     return module.parameters() if module is not None else ()
-
-
-def attach_tp_group(layouts: Iterable[Any], group: Any) -> None:
-    """Give every layout its TP mask (from ``layout.layer_params``) and ``tp_group``, or clear both.
-
-    ``layout.layer_params[k]`` is the model tensor of layer ``k`` (for FP16_UnfusedOptimizer's fp32 clones the
-    fp16 original, which still carries ``tensor_model_parallel``). A layout with no TP-split layer gets no mask
-    and so no collective. Applies the ZeRO-3 exception: a layout whose partition group already spans the TP
-    ranks gets ``tp_group=None``.
-    """
-    for layout in layouts:
-        params = getattr(layout, "layer_params", None)
-        if params is not None:
-            layout.tp_mask = tp_layer_mask(params)
-        if group is None or layout.tp_mask is None:
-            layout.tp_group = None
-        elif layout.group is not None and group_spans(layout.group, group):
-            layout.tp_group = None
-            logger.info("NovoGrad: %s: its partition group spans the tensor-parallel ranks; no TP reduction "
-                        "(the data-parallel sum already covers them)", layout.label)
-        else:
-            if layout.tp_mask.numel() != layout.n_layers:
-                raise ValueError(f"NovoGrad: {layout.label}: tp_mask has {layout.tp_mask.numel()} entries for "
-                                 f"{layout.n_layers} layers")
-            layout.tp_group = group
-
-
-# -- the collective -----------------------------------------------------------------------------------------------
-def masked_tp_all_reduce(sq: Tensor, mask: Tensor, group: Any, device: Optional[torch.device] = None) -> Tensor:
-    """``sq`` with the entries in ``mask`` summed over ``group``, the others unchanged. One all-reduce.
-
-    ``device``: where the collective runs (the backend's device, e.g. CUDA for NCCL); default: the accelerator's
-    current device for a CPU ``sq`` when DeepSpeed is importable, else ``sq.device``.
-    """
-    device = torch.device(device) if device is not None else _comm_device(sq)
-    buf = sq.to(device)
-    m = mask.to(device)
-    part = torch.where(m, buf, torch.zeros_like(buf))
-    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-    out = torch.where(m, part, buf)
-    return out if out.device == sq.device else out.to(sq.device)
-
-
-def reduce_plain_sq(sq: Tensor, params: Sequence[Tensor], group: Any) -> Tensor:
-    """The plain path (no ZeRO wrapper): ``sq[i]`` is ``params[i]``'s whole local ``sum(g*g)``; TP-split ones get
-    summed over ``group``. No collective when no param of the list is split (the same on every TP rank)."""
-    mask = tp_layer_mask(params)
-    if group is None or mask is None:
-        return sq
-    return masked_tp_all_reduce(sq, mask, group, device=_comm_device(sq))
-
-
-def _comm_device(t: Tensor) -> torch.device:
-    """The device a collective on ``t``'s values must use: the accelerator's for NCCL-like backends."""
-    if t.device.type != "cpu":
-        return t.device
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.device(get_accelerator().current_device_name())
-    except Exception:  # deepspeed absent: a CPU tensor on a CPU (gloo) group
-        return t.device
