@@ -1,4 +1,4 @@
-"""The main job: train a GPT-style causal LM with NovoGrad inside a DeepSpeed engine.
+"""The main job: train a GPT-style causal LM with NovoGrad inside a DeepSpeed engine (or PyTorch FSDP2).
 
 One process (CPU or one GPU)::
 
@@ -9,6 +9,7 @@ Any launcher, any world size (see launch/ and docs/training.md)::
     deepspeed --num_gpus 8 -m novograd_ds.train --deepspeed-config configs/zero2.json --out runs/lm
     torchrun --nproc_per_node 8 -m novograd_ds.train --deepspeed-config configs/zero2.json --out runs/lm
     srun python -m novograd_ds.train ...                        # one task per GPU; SLURM_* vars are read
+    torchrun --nproc_per_node 8 -m novograd_ds.train --engine fsdp2 --deepspeed-config configs/zero2.json --out runs/lm
 
 Continue a stopped run from its last checkpoint with the same command plus ``--resume``.
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/novograd_lm", help="output directory (metrics.json, loss.png, checkpoints/)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON (e.g. configs/zero2.json); default: built-in ZeRO-0 fp32 NovoGrad config")
+    p.add_argument("--engine", choices=("deepspeed", "fsdp2"), default="deepspeed",
+                   help="deepspeed: a DeepSpeed engine built from the config; fsdp2: PyTorch fully_shard with the same "
+                        "config's batch, optimizer, scheduler, clipping and bf16 keys (novograd_ds/lm/fsdp2_engine.py)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
     p.add_argument("--max-steps", type=int, default=None,
                    help=f"optimizer steps in total (default {d['max_steps']}, or the config scheduler's total_num_steps)")
@@ -432,8 +436,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     model, mcfg = build_model(args, corpus.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                           config=ds_cfg)
+    if args.engine == "fsdp2":
+        from novograd_ds.lm.fsdp2_engine import FSDP2ConfigError, build_fsdp2_engine
+
+        try:
+            engine = build_fsdp2_engine(model, ds_cfg, local_rank)
+        except FSDP2ConfigError as e:
+            raise ConfigError(f"{source} (--engine fsdp2): {e}") from None
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                               config=ds_cfg)
     basic = engine.basic_optimizer
     opt_name = f"{type(basic).__module__}.{type(basic).__qualname__}"
     is_novograd = isinstance(basic, novograd_ds.NovoGrad)
@@ -534,6 +546,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         wall_time_s=state["wall_time_s"],
         wall_time_s_this_run=time.time() - t_start,
         world_size=world,
+        engine=args.engine,
         basic_optimizer=opt_name,
         basic_optimizer_is_novograd=is_novograd,
         optimizer_wrapper=type(engine.optimizer).__name__,
@@ -569,7 +582,8 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> None:
     ax.axhline(metrics["unigram_entropy"], ls="--", c="gray", label=f"unigram entropy {metrics['unigram_entropy']:.2f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"NovoGrad under DeepSpeed ({metrics['optimizer_wrapper']}, world {metrics['world_size']})")
+    engine = "FSDP2" if metrics.get("engine") == "fsdp2" else f"DeepSpeed ({metrics['optimizer_wrapper']})"
+    ax.set_title(f"NovoGrad under {engine}, world {metrics['world_size']}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
