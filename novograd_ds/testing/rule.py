@@ -1,7 +1,9 @@
-"""The NovoGrad update rule in float64, written independently of the package (the tests' oracle).
+"""The NovoGrad update rule in float64, written independently of the implementation (the tests' oracle).
 
-It mirrors the rule in the README / novograd_ds/optimizer.py line by line, on plain tensors, one layer at a
-time, with Python state. `RuleOptimizer` drives it over a list of parameters that may skip steps.
+It mirrors the rule in the README line by line, on plain tensors, one layer at a time, with Python state.
+`RuleOptimizer` drives it over a list of parameters that may skip steps. It imports nothing from novograd_ds
+(no backend, no kernel, not even the optimizer's step factors): keep it that way, or it stops being a check.
+Used by the tests (tests/rule.py re-exports it) and by ``python -m novograd_ds.env --check``.
 """
 
 from __future__ import annotations
