@@ -706,3 +706,112 @@ def test_cuda_optimizer_matches_reference(fused_cuda, flags):
         runs.append(params)
     for a, b in zip(*runs):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _cuda_problem(gdtype, device):
+    """50 segments over 7 layers (one of 330 chunks of 64K): several launches of both kernels, every form."""
+    from novograd_ds.testing.check import multi_launch_segments
+
+    rows, numel, n_layers = multi_launch_segments()
+    gen = torch.Generator().manual_seed(3)
+    flat_g = (torch.randn(numel, generator=gen) * 3).to(device=device, dtype=gdtype)
+    flat_w = torch.randn(numel, generator=gen).to(device)
+    flat_m = (torch.randn(numel, generator=gen) * 0.1).to(device)
+    return SegmentTable(*zip(*rows)), flat_g, flat_w, flat_m, n_layers
+
+
+def _deterministic_outputs(backend, gdtype, device="cuda"):
+    """Norms (list and segment forms) and one update of the multi-launch problem, as CPU tensors."""
+    table, flat_g, flat_w, flat_m, n_layers = _cuda_problem(gdtype, device)
+    out = dict(norms_list=backend.sq_norms(table.views(flat_g)),
+               norms_segments=backend.sq_norms_segments(flat_g, table, n_layers))
+    d = out["norms_segments"].sqrt() + 1e-8
+    backend.update_segments_(flat_w, flat_g, flat_m, table, d, lr=0.01, beta1=0.9, grad_scale=0.1,
+                             weight_decay=0.01, decoupled=False)
+    out.update(w=flat_w, m=flat_m)
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def _same_bits(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k].view(torch.int32), b[k].view(torch.int32))]
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=str)
+def test_cuda_op_matches_float64_rule_every_flag(fused_cuda, gdtype):
+    """Every flag combination of the rule, list and segment forms, and the multi-launch sizes, 3 steps each."""
+    from novograd_ds.testing.check import (MULTI_LAUNCH_FLAGS, TOLERANCE, check_list, check_segments, flag_cases,
+                                           multi_launch_segments)
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    worst = {}
+    for f in flag_cases():
+        worst[f"list {f}"] = check_list(fused_cuda, dev, torch.float32, gdtype, f)
+        worst[f"segments {f}"] = check_segments(fused_cuda, dev, torch.float32, gdtype, f)
+    rows, numel, n_layers = multi_launch_segments()
+    for f in MULTI_LAUNCH_FLAGS:
+        worst[f"list-multilaunch {f}"] = check_list(fused_cuda, dev, torch.float32, gdtype, f,
+                                                    sizes=[n for _, n, _ in rows])
+        worst[f"segments-multilaunch {f}"] = check_segments(fused_cuda, dev, torch.float32, gdtype, f, rows, numel,
+                                                            n_layers)
+    bad = {k: v for k, v in worst.items() if not v <= TOLERANCE[torch.float32]}
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_results_are_bitwise_deterministic_in_a_process(fused_cuda, gdtype):
+    first = _deterministic_outputs(fused_cuda, gdtype)
+    again = _deterministic_outputs(fused_cuda, gdtype)
+    assert _same_bits(first, again) == []
+    # and the list and segment forms of the norms agree with each other layer by layer, to rounding
+    seg = torch.zeros(7, dtype=torch.float64).index_add_(0, torch.tensor([i % 7 for i in range(50)]),
+                                                          first["norms_list"].double())
+    torch.testing.assert_close(first["norms_segments"].double(), seg, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_cuda_results_are_bitwise_deterministic_across_processes(fused_cuda, tmp_path):
+    """Two separate processes (as two ranks would) compute the same bits as each other and as this one."""
+    code = """
+        import sys, torch
+        sys.path.insert(0, {tests!r})
+        from test_native import _deterministic_outputs
+        from novograd_ds.kernels.native import load_backend
+        torch.save(_deterministic_outputs(load_backend(torch.device("cuda")), torch.float32), sys.argv[1])
+        """.format(tests=str(REPO / "tests"))
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"run{i}.pt")
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(files[-1])], capture_output=True,
+                             text=True, env={**os.environ, "NOVOGRAD_DS_AUTOREGISTER": "0"}, cwd=str(REPO), timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+    runs = [torch.load(f) for f in files]
+    here = _deterministic_outputs(fused_cuda, torch.float32)
+    assert _same_bits(runs[0], runs[1]) == [] and _same_bits(runs[0], here) == []
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_cuda_self_check_passes_on_every_device(fused_cuda):
+    for i in range(torch.cuda.device_count()):
+        dev = torch.device("cuda", i)
+        results = native.self_check(fused_cuda.module, dev)
+        assert len(results) == 3 * (2 + 2 * 4) and not hasattr(fused_cuda.module, "layer_step")
+        assert all(r.passed for r in results), [r.describe() for r in results if not r.passed]
+        # first use on a device runs that device's own check
+        fused_cuda.sq_norms([torch.ones(3, device=dev)])
+        assert native._checks[(id(fused_cuda.module), str(dev))][1] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@cuda_only
+def test_env_check_passes_on_the_gpu(fused_cuda):
+    out = subprocess.run([sys.executable, "-m", "novograd_ds.env", "--check", "--device", "cuda"], capture_output=True,
+                         text=True, timeout=1800, env={**os.environ, "NOVOGRAD_DS_AUTOREGISTER": "0"})
+    assert out.returncode == 0, "\n".join(ln for ln in out.stdout.splitlines() if not ln.startswith("PASS"))[-4000:]
+    assert "PASS fused-cuda" in out.stdout and "multilaunch" in out.stdout

@@ -206,6 +206,8 @@ def check_list(backend, device: torch.device, pdtype: torch.dtype, gdtype: torch
     def on_step(k, w, m, v):
         rule.step(grads[k - 1])
         for i in range(len(w)):
+            if not rule.st[i]:
+                continue  # an empty tensor: the rule never steps it
             worst[0] = max(worst[0], _normwise(w[i], rule.w[i]), _normwise(m[i], rule.st[i]["m"]),
                            _scalar_rel(float(v[i]), rule.v_used(i)))
 
