@@ -48,7 +48,9 @@ class FusedBackend(KernelBackend):
     """The fused op behind the :class:`KernelBackend` seam.
 
     ``strict`` (an explicit ``fused=True``) raises on dtypes the op does not support; otherwise such calls go
-    to :class:`ForeachBackend`, as they would have without the op.
+    to :class:`ForeachBackend`, as they would have without the op. The first call with tensors on a device runs
+    the op's self-check there (NOTE: [self-check]); on a device where it fails, calls go to the foreach backend
+    (one warning) or, when strict, raise :class:`NativeOpUnavailable` naming the failed check.
     """
 
     name = "fused"
@@ -283,9 +285,10 @@ def load_backend_or_none(device: torch.device) -> Optional[KernelBackend]:
 # that device: tensors of 1, 7, 1003 and 4099 elements, and a flat tensor cut into segments (a layer split in two,
 # an empty segment, a segment that is the flat's tail, a layer with no segment, gaps); fp32, bf16 and fp16
 # gradients; a first step (m = gh) and a later one; L2 and decoupled weight decay; and, for the CPU op, the
-# layer-at-a-time step. It costs a few milliseconds and one host synchronisation, issues no collective, and
-# catches what a build cannot: a binary for the wrong GPU architecture, a broken toolchain, a kernel that
-# misbehaves on hardware it was never run on. The differences are measured as below and must stay under:
+# layer-at-a-time step. It costs milliseconds (about 25 ms on a 2-core VM, once per device and process) and one
+# host synchronisation, issues no collective, and catches what a build cannot: a binary for the wrong GPU
+# architecture, a broken toolchain, a kernel that misbehaves on hardware it was never run on. The differences
+# are measured as below and must stay under:
 #
 # | check                        | measure                                   | tolerance | why                                    |
 # |------------------------------|-------------------------------------------|-----------|----------------------------------------|
