@@ -509,6 +509,30 @@ def test_concurrent_cold_loads_build_once(tmp_path):
     assert not (build_dir / "lock").exists()
 
 
+def test_build_lock_times_out_naming_the_lock(tmp_path):
+    """A lock held by another live process: the wait ends after the timeout with an error naming the file."""
+    from novograd_ds.ops.builder import LOCK_NAME, build_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(tmp_path / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OpBuildError, match=rf"waited \d+ s for the lock on {re.escape(str(tmp_path / LOCK_NAME))}.*"
+                                               r"NOVOGRAD_DS_BUILD_LOCK_TIMEOUT"):
+            with build_lock(tmp_path, "test op", timeout=0.5):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with build_lock(tmp_path, "test op", timeout=5) as waited:  # released when its holder died
+        assert waited is not None and waited < 5
+
+
 def _only_rank0_steps(rank, world_size):
     """Phase 1: only rank 0 steps (rank 1 is elsewhere, here in the harness's barrier); any collective in the
     load raises at once instead of hanging. Phase 2: rank 1 cannot load the op and falls back alone."""

@@ -31,6 +31,7 @@ Environment variables:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -174,8 +175,9 @@ _process_lock = threading.Lock()  # lockf locks are per process: threads of one 
 
 
 @contextlib.contextmanager
-def build_lock(directory: Path, what: str, timeout: Optional[float] = None) -> Iterator[float]:
-    """Hold the exclusive lock of ``directory`` (NOTE: [rank-local loading]); yields the seconds spent waiting.
+def build_lock(directory: Path, what: str, timeout: Optional[float] = None) -> Iterator[Optional[float]]:
+    """Hold the exclusive lock of ``directory`` (NOTE: [rank-local loading]); yields the seconds spent waiting,
+    or None where the filesystem has no locks (then nothing is held; a warning says so).
 
     Raises :class:`OpBuildError` after ``timeout`` seconds (default ``$NOVOGRAD_DS_BUILD_LOCK_TIMEOUT`` or 1200).
     """
@@ -187,7 +189,12 @@ def build_lock(directory: Path, what: str, timeout: Optional[float] = None) -> I
             raise OpBuildError(f"{_LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds; unset it or set e.g. 1200") from None
     path = directory / LOCK_NAME
     with _process_lock:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OpBuildError(f"cannot open the build lock {path}: {exc}; set TORCH_EXTENSIONS_DIR to a writable "
+                               "directory") from exc
+        locked = True
         try:
             start = time.monotonic()
             said = False
@@ -195,21 +202,27 @@ def build_lock(directory: Path, what: str, timeout: Optional[float] = None) -> I
                 try:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no lock support there
+                        logger.warning("novograd_ds: cannot lock %s (%s); loading %s without the lock", path, exc, what)
+                        locked = False
+                        break
                     waited = time.monotonic() - start
                     if waited > timeout:
                         raise OpBuildError(
-                            f"waited {waited:.0f} s for {path}, held by another process building or loading {what}; "
-                            f"if no such process is alive remove the file, or raise {_LOCK_TIMEOUT_ENV}"
+                            f"waited {waited:.0f} s for the lock on {path}, held by another live process building or "
+                            f"loading {what} (the kernel releases the lock of a process that dies): raise "
+                            f"{_LOCK_TIMEOUT_ENV}, or find the process with `fuser {path}`"
                         ) from None
                     if not said:
                         logger.info("novograd_ds: another process is building %s in %s; waiting for it", what, directory)
                         said = True
                     time.sleep(0.2)
             try:
-                yield time.monotonic() - start
+                yield time.monotonic() - start if locked else None
             finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
+                if locked:
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
@@ -294,8 +307,9 @@ class OpBuilder:
                 return mod
             # torch's own baton (<dir>/lock) is only ever taken under our lock: if it exists now, a process died
             # while building, and torch would wait for it forever.
-            with contextlib.suppress(FileNotFoundError):
-                (d / "lock").unlink()
+            if waited is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (d / "lock").unlink()
             built_before = self.is_built()
             try:
                 mod = cpp_extension.load(
@@ -315,7 +329,7 @@ class OpBuilder:
                     "Rerun with NOVOGRAD_DS_BUILD_VERBOSE=1 to see the compiler output"
                 ) from exc
             OpBuilder._loaded[key] = mod
-            OpBuilder.last_load[key] = dict(built=not built_before, waited_s=waited)
+            OpBuilder.last_load[key] = dict(built=not built_before, waited_s=waited or 0.0, locked=waited is not None)
         return mod
 
     with_cuda = False
