@@ -35,11 +35,11 @@ CXX = os.environ.get("CXX", "c++")
 REAL = dict()  # the op's constants: 65536-element chunks, 512 threads
 SMALL = dict(NOVOGRAD_CUDA_CHUNK=256, NOVOGRAD_CUDA_THREADS=64)  # same logic, many more chunks per element
 BUILDS = {
-    "op-limits": (REAL, ["--random", "8"]),
+    "op-limits": (REAL, ["--random", "8", "--budget", "300000"]),
     "tight": ({**REAL, "NOVOGRAD_CUDA_MAX_SPANS": 5, "NOVOGRAD_CUDA_MAX_BLOCKS": 17,
-               "NOVOGRAD_CUDA_FINALIZE_LAYERS": 3}, ["--random", "8"]),
+               "NOVOGRAD_CUDA_FINALIZE_LAYERS": 3}, ["--random", "8", "--budget", "300000"]),
     "one-per-launch": ({**REAL, "NOVOGRAD_CUDA_MAX_SPANS": 1, "NOVOGRAD_CUDA_MAX_BLOCKS": 1,
-                        "NOVOGRAD_CUDA_FINALIZE_LAYERS": 1}, ["--random", "8"]),
+                        "NOVOGRAD_CUDA_FINALIZE_LAYERS": 1}, ["--random", "8", "--budget", "300000"]),
     "small": (SMALL, ["--random", "300"]),
     "small-tight": ({**SMALL, "NOVOGRAD_CUDA_MAX_SPANS": 3, "NOVOGRAD_CUDA_MAX_BLOCKS": 7,
                      "NOVOGRAD_CUDA_FINALIZE_LAYERS": 2}, ["--random", "300"]),
