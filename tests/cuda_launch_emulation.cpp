@@ -270,7 +270,8 @@ void run_case(const Case& c, bool verbose) {
   h = fnv(h, w.data(), w.size() * sizeof(float));
   h = fnv(h, m.data(), m.size() * sizeof(float));
   int64_t chunks = plan.n_slots;
-  std::printf("case %s spans=%lld chunks=%lld layers=%lld launches=%zu finalize=%zu worst=%.3g bound=%.3g hash=%016llx\n",
+  std::printf("case %s spans=%lld chunks=%lld layers=%lld launches=%zu finalize=%zu worst=%.3g bound=%.3g "
+              "hash=%016llx\n",
               name.c_str(), static_cast<long long>(n_spans), static_cast<long long>(chunks),
               static_cast<long long>(c.n_layers), plan.launches.size(), plan.finalize.size(), worst, bound,
               static_cast<unsigned long long>(h));

@@ -290,16 +290,16 @@ def load_backend_or_none(device: torch.device) -> Optional[KernelBackend]:
 # architecture, a broken toolchain, a kernel that misbehaves on hardware it was never run on. The differences
 # are measured as below and must stay under:
 #
-# | check                        | measure                                   | tolerance | why                                    |
-# |------------------------------|-------------------------------------------|-----------|----------------------------------------|
-# | sq_norms, sq_norms_segments  | max over layers of |a - b| / |b|           | 1e-5      | both sum in fp32 in different orders   |
-# |                              |                                           |           | (at most ~128 terms per fp32 partial): |
-# |                              |                                           |           | ~1e-6 worst; an error is >= 1e-3       |
-# | update, update_segments      | per tensor max|a - b| / max|b|, w and m    | 1e-5      | the same expressions, one FMA or the   |
-# |                              |                                           |           | decoupled factor (1 - lr*wd) apart:    |
-# |                              |                                           |           | a few ulp (~1e-7)                      |
-# | layer_step (CPU op)          | as update, w, m and v                     | 1e-5      | the norm differences above, carried    |
-# |                              |                                           |           | into d and the update: ~1e-6           |
+# | check                       | measure                                | tol  | why                                  |
+# |-----------------------------|----------------------------------------|------|--------------------------------------|
+# | sq_norms, sq_norms_segments | max over layers of |a - b| / |b|        | 1e-5 | both sum in fp32 in different orders |
+# |                             |                                        |      | (<= 128 terms per fp32 partial):     |
+# |                             |                                        |      | ~1e-6 worst; an error is >= 1e-3     |
+# | update, update_segments     | per tensor max|a-b| / max|b|, w and m  | 1e-5 | the same expressions, one FMA or the |
+# |                             |                                        |      | decoupled factor (1 - lr*wd) apart:  |
+# |                             |                                        |      | a few ulp (~1e-7)                    |
+# | layer_step (CPU op)         | as update, w, m and v                  | 1e-5 | the norm differences above, carried  |
+# |                             |                                        |      | into d and the update: ~1e-6         |
 SELF_CHECK_TOLERANCE = {"sq_norms": 1e-5, "update": 1e-5, "layer_step": 1e-5}
 _CHECK_SIZES = (1, 7, 1003, 4099)
 # (offset, length, layer) over a flat of 5200: layer 0 in two segments, an empty one, a gap, the flat's tail
