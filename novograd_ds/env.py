@@ -2,6 +2,9 @@
 
 Prints the versions of what novograd_ds works with, each backend (whether it can be used here, and why not),
 and the state of the DeepSpeed integration. It never builds anything; ``--build`` builds the native ops first.
+
+``--check`` instead runs every usable backend on every visible device against the float64 rule (and the fused
+ops' self-check), one line per check, and exits 1 when one fails (:mod:`novograd_ds.testing.check`).
 """
 
 from __future__ import annotations
@@ -104,7 +107,20 @@ def report(build: bool = False, out=sys.stdout) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m novograd_ds.env", description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="build (or load) the native ops before reporting")
+    parser.add_argument("--check", action="store_true",
+                        help="run every usable backend on every visible device against the float64 rule (builds the "
+                             "native ops if needed); one line per check, exit status 1 on any failure")
+    parser.add_argument("--device", action="append", metavar="DEV",
+                        help="with --check: only this device (cpu, cuda, cuda:1; repeatable)")
+    parser.add_argument("--backend", action="append", metavar="NAME",
+                        help="with --check: only this backend (reference, foreach, fused-cpu, fused-cuda; repeatable)")
+    parser.add_argument("--inject-fault", metavar="BACKEND",
+                        help="with --check: perturb BACKEND's updates by 1e-3 (e.g. fused-cpu), to see a check fail")
     args = parser.parse_args(argv)
+    if args.check:
+        from .testing.check import run_checks
+
+        return 1 if run_checks(inject_fault=args.inject_fault, only=args.device, backends=args.backend) else 0
     report(build=args.build)
     return 0
 

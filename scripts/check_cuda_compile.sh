@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile the torch-free CUDA kernel of the fused NovoGrad op with plain nvcc for sm_80 and sm_90.
+# Compile the torch-free CUDA kernel of the fused NovoGrad op with plain nvcc for sm_80 and sm_90, and check
+# with ptxas -v that no kernel has a stack frame or spills.
 # Needs nvcc, no GPU and no CUDA build of torch. Exits non-zero when nvcc is missing or a compile fails.
 #
 #   usage: scripts/check_cuda_compile.sh [--with-bindings]      (NVCC=/path/to/nvcc picks another nvcc)
@@ -21,8 +22,15 @@ trap 'rm -rf "$out"' EXIT
 for arch in 80 90; do
   "$nvcc" -c "$csrc/cuda/novograd_cuda.cu" -I "$csrc" -std=c++17 -O3 --fmad=false \
     -gencode "arch=compute_${arch},code=sm_${arch}" -Werror all-warnings -Xcompiler -Wall,-Werror \
-    -o "$out/novograd_cuda_sm${arch}.o"
-  echo "check_cuda_compile: sm_${arch} ok ($(stat -c %s "$out/novograd_cuda_sm${arch}.o") bytes)"
+    -Xptxas -v -o "$out/novograd_cuda_sm${arch}.o" 2> "$out/ptxas_sm${arch}.txt" || { cat "$out/ptxas_sm${arch}.txt" >&2; exit 1; }
+  # The launch tables are kernel arguments read in place: a kernel that copies one to local memory (a stack
+  # frame) or spills would be slow. ptxas -v says so per kernel.
+  if grep -E "[1-9][0-9]* bytes (stack frame|spill)" "$out/ptxas_sm${arch}.txt" >&2; then
+    echo "check_cuda_compile: sm_${arch}: a kernel uses a stack frame or spills (ptxas -v above)" >&2
+    exit 1
+  fi
+  kernels=$(grep -c "Compiling entry function" "$out/ptxas_sm${arch}.txt")
+  echo "check_cuda_compile: sm_${arch} ok ($(stat -c %s "$out/novograd_cuda_sm${arch}.o") bytes, $kernels kernels, no stack frame or spill)"
 done
 
 if [[ "${1:-}" == "--with-bindings" ]]; then

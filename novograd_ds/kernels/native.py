@@ -9,11 +9,13 @@ foreach backend when the backend was chosen automatically; with an explicit ``fu
 raises :class:`NativeOpUnavailable` naming it (non-contiguous tensors still take the foreach path: that is
 a layout matter, not a choice the user made).
 
-Distributed jobs: :func:`load_backend_or_none` and :func:`load_backend` are collective when
-``torch.distributed`` is initialised. Local rank 0 builds first while the others wait at a barrier (so ranks do
-not race on the build directory), then every rank reports whether it has the op and all agree (MIN all-reduce):
-either every rank uses the fused op or none does. Every rank must therefore reach its first step, as a
-DeepSpeed/DDP job does.
+Loading is rank-local, never collective (NOTE: [rank-local loading] in ops/builder.py): each process builds or
+loads the op under a file lock in the build directory and calls nothing in ``torch.distributed``, so a rank
+that never reaches its first step holds up nobody. Before the op is used on a device (each ``torch.device``:
+``cuda:0`` and ``cuda:1`` separately) it passes a self-check against the foreach backend (NOTE: [self-check]).
+A rank that cannot load the op, or whose self-check fails, uses the foreach backend under the automatic choice
+and warns once, naming the rank; the other ranks keep the fused op. Both backends implement the same rule
+(NOTE: [the kernel seam]), so the ranks agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -46,7 +48,9 @@ class FusedBackend(KernelBackend):
     """The fused op behind the :class:`KernelBackend` seam.
 
     ``strict`` (an explicit ``fused=True``) raises on dtypes the op does not support; otherwise such calls go
-    to :class:`ForeachBackend`, as they would have without the op.
+    to :class:`ForeachBackend`, as they would have without the op. The first call with tensors on a device runs
+    the op's self-check there (NOTE: [self-check]); on a device where it fails, calls go to the foreach backend
+    (one warning) or, when strict, raise :class:`NativeOpUnavailable` naming the failed check.
     """
 
     name = "fused"
@@ -56,6 +60,19 @@ class FusedBackend(KernelBackend):
         self.device_type = device_type
         self.strict = strict
         self._fallback = ForeachBackend()
+        self._device_ok: dict[torch.device, bool] = {}
+
+    def _checked(self, device: torch.device) -> bool:
+        """Whether the op passed its self-check on ``device`` (run on first use there); raises when strict."""
+        ok = self._device_ok.get(device)
+        if ok is None:
+            why = check_device(self.module, device)
+            if why is not None:
+                if self.strict:
+                    raise NativeOpUnavailable(_self_check_error(why))
+                _warn_once(f"self-check:{device}", _fallback_message(device, why))
+            ok = self._device_ok[device] = why is None
+        return ok
 
     def __repr__(self) -> str:
         return f"FusedBackend({self.device_type}, simd={getattr(self.module, 'simd', 'cuda')}, strict={self.strict})"
@@ -85,6 +102,8 @@ class FusedBackend(KernelBackend):
         for t in (*grads, *states):
             if t.device.type != self.device_type or not t.is_contiguous():
                 return "non-contiguous tensors or tensors on another device"
+        if not self._checked(grads[0].device):
+            return f"the op failed its self-check on {grads[0].device}"
         return None
 
     # -- list forms ------------------------------------------------------------------------------------
@@ -153,8 +172,9 @@ class FusedBackend(KernelBackend):
         )
 
 
-# -- loading, collectively ----------------------------------------------------------------------------------
-_results: dict[str, tuple[Any, Optional[str]]] = {}  # device type -> (module or None, why not)
+# -- loading, rank-local ------------------------------------------------------------------------------------
+_modules: dict[str, tuple[Any, Optional[str]]] = {}  # device type -> (module or None, why not); per process
+_checks: dict[tuple[int, str], tuple[Any, Optional[str]]] = {}  # (id(module), device) -> (module, None or what failed)
 _warned: set[str] = set()
 
 
@@ -175,58 +195,235 @@ def _try_load(device_type: str) -> tuple[Any, Optional[str]]:
         return None, str(exc)
 
 
-def _dist_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _load_module(device_type: str) -> tuple[Any, Optional[str]]:
+    """Build or load the op of ``device_type`` in this process (file-locked, no collective); cached."""
+    if device_type not in _modules:
+        _modules[device_type] = _try_load(device_type)
+    return _modules[device_type]
 
 
-def _load_everywhere(device_type: str) -> tuple[Any, Optional[str]]:
-    """Load the op on this process and agree with every rank; cached per device type and process."""
-    if device_type in _results:
-        return _results[device_type]
-    if not _dist_active():
-        result = _try_load(device_type)
-    else:
-        dist = torch.distributed
-        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        if local_rank == 0:  # builds (or finds the cache) before anyone else touches the build dir
-            result = _try_load(device_type)
-        dist.barrier()
-        if local_rank != 0:
-            result = _try_load(device_type)
-        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1 if result[0] is not None else 0], dtype=torch.int32, device=on)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if int(flag.item()) == 0 and result[0] is not None:
-            result = (None, "another rank of this job could not load the fused op (its log says why); all ranks "
-                            "must use the same backend")
-    _results[device_type] = result
-    return result
+def _resolve(device: Union[torch.device, str]) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _rank_label() -> str:
+    """`` (rank R)`` in a distributed job (from the process group or ``$RANK``), else empty. Not a collective."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return f" (rank {dist.get_rank()})"
+    rank = os.environ.get("RANK")
+    return f" (rank {rank})" if rank not in (None, "") else ""
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _fallback_message(device: torch.device, why: str) -> str:
+    return f"NovoGrad{_rank_label()}: fused op unavailable on {device}, using the foreach backend: {why} ({_SEE_ENV})"
+
+
+def _self_check_error(why: str) -> str:
+    return (f"NovoGrad(fused=True){_rank_label()}: {why}. The op disagrees with the foreach backend "
+            f"here: report it with the output of `python -m novograd_ds.env --check`; meanwhile use fused=None "
+            f"(automatic: foreach here) or foreach=True")
+
+
+def check_device(module: Any, device: torch.device) -> Optional[str]:
+    """The self-check of ``module`` on ``device``, run once per module and device: None when it passed, else
+    which check failed and by how much (NOTE: [self-check])."""
+    key = (id(module), str(device))
+    entry = _checks.get(key)
+    if entry is None or entry[0] is not module:  # the module is kept in the entry, so its id is not reused
+        failed = [r for r in self_check(module, device) if not r.passed]
+        entry = _checks[key] = (module, failed[0].describe() if failed else None)
+    return entry[1]
 
 
 def load_backend(device: torch.device) -> KernelBackend:
-    """The fused backend for ``device`` (explicit ``fused=True``); raises :class:`NativeOpUnavailable`."""
-    device_type = torch.device(device).type
-    module, why = _load_everywhere(device_type)
+    """The fused backend for ``device`` (explicit ``fused=True``); raises :class:`NativeOpUnavailable`.
+
+    Rank-local: builds or loads the op in this process only and runs its self-check on ``device``.
+    """
+    device = _resolve(device)
+    module, why = _load_module(device.type)
     if module is None:
-        raise NativeOpUnavailable(f"NovoGrad(fused=True) on {device_type}: {why}. "
+        raise NativeOpUnavailable(f"NovoGrad(fused=True){_rank_label()} on {device.type}: {why}. "
                                   f"Or use fused=None (automatic) or foreach=True; {_SEE_ENV}")
-    return FusedBackend(module, device_type, strict=True)
+    backend = FusedBackend(module, device.type, strict=True)
+    backend._checked(device)  # raises, naming the failed check
+    return backend
 
 
 def load_backend_or_none(device: torch.device) -> Optional[KernelBackend]:
-    """The fused backend for the automatic choice, or None (falls back to foreach), saying once why."""
-    device_type = torch.device(device).type
-    if device_type not in ("cpu", "cuda"):
+    """The fused backend for the automatic choice, or None (falls back to foreach), saying once why.
+
+    Rank-local: when this process cannot load the op or its self-check fails on ``device``, this rank alone
+    falls back; the warning names the rank.
+    """
+    device = _resolve(device)
+    if device.type not in ("cpu", "cuda"):
         return None
-    module, why = _load_everywhere(device_type)
+    module, why = _load_module(device.type)
     if module is None:
-        if device_type not in _warned:
-            _warned.add(device_type)
-            msg = f"NovoGrad: fused op unavailable on {device_type}, using the foreach backend: {why} ({_SEE_ENV})"
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        _warn_once(f"load:{device.type}", _fallback_message(torch.device(device.type), why))
         return None
-    return FusedBackend(module, device_type, strict=False)
+    backend = FusedBackend(module, device.type, strict=False)
+    if not backend._checked(device):
+        return None
+    return backend
+
+
+# -- self-check -------------------------------------------------------------------------------------------------
+# NOTE: [self-check] On first use on a device the op runs a small fixed problem next to the foreach backend on
+# that device: tensors of 1, 7, 1003 and 4099 elements, and a flat tensor cut into segments (a layer split in two,
+# an empty segment, a segment that is the flat's tail, a layer with no segment, gaps); fp32, bf16 and fp16
+# gradients; a first step (m = gh) and a later one; L2 and decoupled weight decay; and, for the CPU op, the
+# layer-at-a-time step. It costs milliseconds (about 25 ms on a 2-core VM, once per device and process) and one
+# host synchronisation, issues no collective, and catches what a build cannot: a binary for the wrong GPU
+# architecture, a broken toolchain, a kernel that misbehaves on hardware it was never run on. The differences
+# are measured as below and must stay under:
+#
+# | check                       | measure                                | tol  | why                                  |
+# |-----------------------------|----------------------------------------|------|--------------------------------------|
+# | sq_norms, sq_norms_segments | max over layers of |a - b| / |b|        | 1e-5 | both sum in fp32 in different orders |
+# |                             |                                        |      | (<= 128 terms per fp32 partial):     |
+# |                             |                                        |      | ~1e-6 worst; an error is >= 1e-3     |
+# | update, update_segments     | per tensor max|a-b| / max|b|, w and m  | 1e-5 | the same expressions, one FMA or the |
+# |                             |                                        |      | decoupled factor (1 - lr*wd) apart:  |
+# |                             |                                        |      | a few ulp (~1e-7)                    |
+# | layer_step (CPU op)         | as update, w, m and v                  | 1e-5 | the norm differences above, carried  |
+# |                             |                                        |      | into d and the update: ~1e-6         |
+SELF_CHECK_TOLERANCE = {"sq_norms": 1e-5, "update": 1e-5, "layer_step": 1e-5}
+_CHECK_SIZES = (1, 7, 1003, 4099)
+# (offset, length, layer) over a flat of 5200: layer 0 in two segments, an empty one, a gap, the flat's tail
+# (layer 2), layer 3 without a segment
+_CHECK_SEGMENTS = ((3, 700, 0), (703, 0, 1), (703, 1500, 1), (2210, 1003, 0), (3213, 1987, 2))
+_CHECK_FLAT, _CHECK_LAYERS = 5200, 4
+
+
+class CheckResult:
+    """One comparison of the self-check: its name, the measured difference and the tolerance."""
+
+    def __init__(self, name: str, device: torch.device, diff: float, tol: float, error: Optional[str] = None):
+        self.name, self.device, self.diff, self.tol, self.error = name, device, diff, tol, error
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.diff <= self.tol  # NaN fails
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"self-check {self.name!r} on {self.device} raised: {self.error}"
+        return (f"self-check {self.name!r} on {self.device}: worst relative difference {self.diff:.3g} "
+                f"> tolerance {self.tol:g}")
+
+
+def _rel_elementwise(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.double(), b.double()
+    return ((a - b).abs() / b.abs().clamp_min(1e-30)).max() if b.numel() else torch.zeros((), dtype=torch.float64)
+
+
+def _rel_normwise(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    worst = [((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30))
+             for x, y in zip(xs, ys) if y.numel()]
+    return torch.stack(worst).max()
+
+
+def self_check(module: Any, device: Union[torch.device, str]) -> list[CheckResult]:
+    """Every comparison of NOTE: [self-check] of ``module`` (a loaded op) against foreach on ``device``."""
+    from ..optimizer import second_moment_
+
+    device = _resolve(device)
+    foreach = ForeachBackend()
+    table = torch.tensor(_CHECK_SEGMENTS, dtype=torch.int64)
+    segs = SegmentTable(*zip(*_CHECK_SEGMENTS))
+    gen = torch.Generator().manual_seed(20240607)
+    scales = (3.0, 0.01, 1.0, 50.0)
+    base_g = [torch.randn(n, generator=gen) * s for n, s in zip(_CHECK_SIZES, scales)]
+    base_w = [torch.randn(n, generator=gen) for n in _CHECK_SIZES]
+    base_m = [torch.randn(n, generator=gen) * 0.1 for n in _CHECK_SIZES]
+    flat_g0 = torch.randn(_CHECK_FLAT, generator=gen)
+    flat_w0 = torch.randn(_CHECK_FLAT, generator=gen)
+    flat_m0 = torch.randn(_CHECK_FLAT, generator=gen) * 0.1
+    denoms = (torch.rand(len(_CHECK_SIZES), generator=gen) + 0.5).to(device)
+    layer_denoms = (torch.rand(_CHECK_LAYERS, generator=gen) + 0.5).to(device)
+
+    pending: list[tuple[str, Any]] = []  # (name, 0-dim tensor or error text)
+
+    def run(name: str, fn) -> None:
+        try:
+            pending.append((name, fn()))
+        except Exception as exc:  # a kernel that cannot run here (wrong architecture, ...) fails its check
+            pending.append((name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+
+    for gd in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(gd).replace("torch.", "")
+        grads = [g.to(device=device, dtype=gd) for g in base_g]
+        flat_g = flat_g0.to(device=device, dtype=gd)
+        run(f"sq_norms {tag}", lambda: _rel_elementwise(module.sq_norms(grads), foreach.sq_norms(grads)))
+        run(f"sq_norms_segments {tag}", lambda: _rel_elementwise(
+            module.sq_norms_segments(flat_g, table, _CHECK_LAYERS),
+            foreach.sq_norms_segments(flat_g, segs, _CHECK_LAYERS)))
+        for first in (True, False):
+            a1, c1 = (0.0, 1.0) if first else (0.95, 0.05)
+            for decoupled in (False, True):
+                case = f"{tag} {'first' if first else 'later'}-step {'decoupled' if decoupled else 'L2'}"
+                kw = dict(lr=0.01, beta1=a1, grad_scale=c1, weight_decay=0.01, decoupled=decoupled)
+
+                def update_list():
+                    w1 = [w.to(device) for w in base_w]
+                    m1 = [torch.zeros_like(w) if first else m.to(device) for w, m in zip(w1, base_m)]
+                    w2, m2 = [w.clone() for w in w1], [m.clone() for m in m1]
+                    module.update(w1, grads, m1, denoms, kw["lr"], a1, c1, kw["weight_decay"], decoupled)
+                    foreach.update_(w2, grads, m2, denoms, **kw)
+                    return torch.maximum(_rel_normwise(w1, w2), _rel_normwise(m1, m2))
+
+                def update_flat():
+                    w1 = flat_w0.to(device)
+                    m1 = torch.zeros_like(w1) if first else flat_m0.to(device)
+                    w2, m2 = w1.clone(), m1.clone()
+                    module.update_segments(w1, flat_g, m1, table, layer_denoms, kw["lr"], a1, c1, kw["weight_decay"],
+                                           decoupled)
+                    foreach.update_segments_(w2, flat_g, m2, segs, layer_denoms, **kw)
+                    return torch.maximum(_rel_normwise([w1], [w2]), _rel_normwise([m1], [m2]))
+
+                run(f"update {case}", update_list)
+                run(f"update_segments {case}", update_flat)
+                if device.type == "cpu" and hasattr(module, "layer_step"):
+                    def layer_step():
+                        w1 = [w.to(device) for w in base_w]
+                        m1 = [torch.zeros_like(w) if first else m.to(device) for w, m in zip(w1, base_m)]
+                        v1 = [torch.zeros(()) if first else torch.tensor(0.5 + i) for i in range(len(w1))]
+                        w2, m2 = [w.clone() for w in w1], [m.clone() for m in m1]
+                        v2 = torch.stack([v.clone() for v in v1])
+                        a2, c2 = (0.0, 1.0) if first else (0.98, 0.02)
+                        module.layer_step(w1, grads, m1, v1, [], 0.01, a1, c1, a2, c2, 1e-8, 0.01, decoupled)
+                        d = second_moment_(v2, foreach.sq_norms(grads), None, a2=a2, c2=c2, eps=1e-8)
+                        foreach.update_(w2, grads, m2, d, **kw)
+                        return torch.stack([_rel_normwise(w1, w2), _rel_normwise(m1, m2),
+                                            _rel_elementwise(torch.stack(v1), v2)]).max()
+
+                    run(f"layer_step {case}", layer_step)
+
+    names = [n for n, r in pending if isinstance(r, Tensor)]
+    values = torch.stack([r.double().reshape(()) for _, r in pending if isinstance(r, Tensor)]).cpu().tolist() \
+        if names else []
+    diffs = dict(zip(names, values))
+    results = []
+    for name, r in pending:
+        tol = SELF_CHECK_TOLERANCE[name.split()[0].replace("_segments", "")]
+        if isinstance(r, Tensor):
+            results.append(CheckResult(name, device, diffs[name], tol))
+        else:
+            results.append(CheckResult(name, device, float("nan"), tol, error=r))
+    return results
 
 
 def describe(build: bool = False) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -26,6 +27,7 @@
 #endif
 
 #include "../novograd_math.h"
+#include "../spans.h"
 
 namespace {
 
@@ -84,14 +86,7 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// One contiguous run of elements of one layer: a whole tensor, or a segment of a flat tensor.
-struct Span {
-  float* w;       // parameter (nullptr in the norm pass)
-  const void* g;  // gradient, of the call's grad dtype
-  float* m;       // exp_avg (nullptr in the norm pass)
-  int64_t n;      // elements
-  int64_t layer;  // index into the norms output / the denominators
-};
+using novograd::Span;  // spans.h: a whole tensor, or a segment of a flat tensor
 
 struct Chunk {
   int64_t span, begin, end;
@@ -272,20 +267,11 @@ std::vector<Span> segment_spans(const at::Tensor& table, const at::Tensor& flat_
               "novograd_ds fused CPU op: the segment table must be a CPU int64 tensor of shape [n, 3] "
               "(offset, length, layer); SegmentTable.as_tensor() makes one");
   at::Tensor t = table.contiguous();
-  const int64_t* rows = t.data_ptr<int64_t>();
-  const int64_t numel = flat_g.numel();
-  const char* g = static_cast<const char*>(flat_g.data_ptr());
-  const int64_t esize = flat_g.element_size();
   std::vector<Span> spans;
-  spans.reserve(t.size(0));
-  for (int64_t r = 0; r < t.size(0); ++r) {
-    const int64_t off = rows[3 * r], len = rows[3 * r + 1], layer = rows[3 * r + 2];
-    TORCH_CHECK(off >= 0 && len >= 0 && off + len <= numel, "novograd_ds fused CPU op: segment ", r, " (offset ", off,
-                ", length ", len, ") lies outside the flat tensor of ", numel, " elements");
-    TORCH_CHECK(layer >= 0 && layer < n_layers, "novograd_ds fused CPU op: segment ", r, " names layer ", layer,
-                ", outside [0, ", n_layers, ")");
-    spans.push_back({w ? w + off : nullptr, g + off * esize, m ? m + off : nullptr, len, layer});
-  }
+  std::string why;
+  const int64_t bad = novograd::segment_spans(t.data_ptr<int64_t>(), t.size(0), flat_g.numel(), n_layers,
+                                              flat_g.data_ptr(), flat_g.element_size(), w, m, spans, why);
+  TORCH_CHECK(bad < 0, "novograd_ds fused CPU op: ", why);
   return spans;
 }
 

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <string>
 #include <vector>
 
 #include "novograd_cuda.h"
@@ -56,19 +57,11 @@ std::vector<Span> segment_spans(const at::Tensor& table, const at::Tensor& flat_
               "novograd_ds fused CUDA op: the segment table must be a CPU int64 tensor of shape [n, 3] "
               "(offset, length, layer); SegmentTable.as_tensor() makes one");
   at::Tensor t = table.contiguous();
-  const int64_t* rows = t.data_ptr<int64_t>();
-  const int64_t numel = flat_g.numel();
-  const char* g = static_cast<const char*>(flat_g.data_ptr());
-  const int64_t esize = flat_g.element_size();
   std::vector<Span> spans;
-  for (int64_t r = 0; r < t.size(0); ++r) {
-    const int64_t off = rows[3 * r], len = rows[3 * r + 1], layer = rows[3 * r + 2];
-    TORCH_CHECK(off >= 0 && len >= 0 && off + len <= numel, "novograd_ds fused CUDA op: segment ", r,
-                " lies outside the flat tensor of ", numel, " elements");
-    TORCH_CHECK(layer >= 0 && layer < n_layers, "novograd_ds fused CUDA op: segment ", r, " names layer ", layer,
-                ", outside [0, ", n_layers, ")");
-    spans.push_back({w ? w + off : nullptr, g + off * esize, m ? m + off : nullptr, len, layer});
-  }
+  std::string why;
+  const int64_t bad = novograd::segment_spans(t.data_ptr<int64_t>(), t.size(0), flat_g.numel(), n_layers,
+                                              flat_g.data_ptr(), flat_g.element_size(), w, m, spans, why);
+  TORCH_CHECK(bad < 0, "novograd_ds fused CUDA op: ", why);
   return spans;
 }
 
@@ -85,26 +78,35 @@ const float* checked_denoms(const at::Tensor& d, const at::Device& dev, int64_t 
 
 void* stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
+// The per-layer sums of squares of `spans` (NOTE: [deterministic norms] in launch_plan.h): a workspace of one
+// double per chunk from torch's caching allocator, then the two kernels; no host-device synchronisation.
+at::Tensor norms_of(const std::vector<Span>& spans, int64_t n_layers, GradDtype k, const at::Tensor& like) {
+  const int64_t n_slots = novograd_cuda::count_slots(spans.data(), static_cast<int64_t>(spans.size()));
+  at::Tensor partials = at::empty({n_slots > 0 ? n_slots : 1}, like.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({n_layers}, like.options().dtype(at::kFloat));
+  if (n_layers > 0)
+    check(novograd_cuda::launch_sq_norms(spans.data(), static_cast<int64_t>(spans.size()), n_layers, k,
+                                         partials.data_ptr<double>(), out.data_ptr<float>(), stream()));
+  return out;
+}
+
 at::Tensor sq_norms(const std::vector<at::Tensor>& grads) {
   TORCH_CHECK(!grads.empty(), "novograd_ds fused CUDA op: empty gradient list");
   const GradDtype k = common_dtype(grads);
   c10::cuda::CUDAGuard guard(grads[0].device());
   std::vector<Span> spans;
+  spans.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i)
     spans.push_back({nullptr, grads[i].data_ptr(), nullptr, grads[i].numel(), static_cast<int64_t>(i)});
-  at::Tensor out = at::zeros({static_cast<int64_t>(grads.size())}, grads[0].options().dtype(at::kFloat));
-  check(novograd_cuda::launch_sq_norms(spans.data(), spans.size(), k, out.data_ptr<float>(), stream()));
-  return out;
+  return norms_of(spans, static_cast<int64_t>(grads.size()), k, grads[0]);
 }
 
 at::Tensor sq_norms_segments(const at::Tensor& flat_grad, const at::Tensor& table, int64_t n_layers) {
   check_dense(flat_grad, flat_grad.device(), "flat_grad", 0);
+  TORCH_CHECK(n_layers >= 0, "novograd_ds fused CUDA op: n_layers must be >= 0, got ", n_layers);
   const GradDtype k = grad_dtype(flat_grad);
   c10::cuda::CUDAGuard guard(flat_grad.device());
-  std::vector<Span> spans = segment_spans(table, flat_grad, nullptr, nullptr, n_layers);
-  at::Tensor out = at::zeros({n_layers}, flat_grad.options().dtype(at::kFloat));
-  check(novograd_cuda::launch_sq_norms(spans.data(), spans.size(), k, out.data_ptr<float>(), stream()));
-  return out;
+  return norms_of(segment_spans(table, flat_grad, nullptr, nullptr, n_layers), n_layers, k, flat_grad);
 }
 
 void update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -122,8 +124,8 @@ void update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     spans.push_back({params[i].data_ptr<float>(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(), grads[i].numel(),
                      static_cast<int64_t>(i)});
   }
-  check(novograd_cuda::launch_update(spans.data(), spans.size(), k,
-                                     checked_denoms(denoms, dev, static_cast<int64_t>(params.size())),
+  const int64_t n = static_cast<int64_t>(params.size());
+  check(novograd_cuda::launch_update(spans.data(), n, n, k, checked_denoms(denoms, dev, n),
                                      scalars(lr, a1, c1, wd, decoupled), stream()));
 }
 
@@ -139,8 +141,9 @@ void update_segments(const at::Tensor& flat_param, const at::Tensor& flat_grad, 
   const int64_t n_layers = layer_denoms.numel();
   std::vector<Span> spans =
       segment_spans(table, flat_grad, flat_param.data_ptr<float>(), flat_exp_avg.data_ptr<float>(), n_layers);
-  check(novograd_cuda::launch_update(spans.data(), spans.size(), k, checked_denoms(layer_denoms, dev, n_layers),
-                                     scalars(lr, a1, c1, wd, decoupled), stream()));
+  check(novograd_cuda::launch_update(spans.data(), static_cast<int64_t>(spans.size()), n_layers, k,
+                                     checked_denoms(layer_denoms, dev, n_layers), scalars(lr, a1, c1, wd, decoupled),
+                                     stream()));
 }
 
 }  // namespace
@@ -148,7 +151,7 @@ void update_segments(const at::Tensor& flat_param, const at::Tensor& flat_grad, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "NovoGrad fused CUDA kernels (novograd_ds); stateless, every scalar passed per call";
   mod.attr("simd") = "cuda";
-  mod.def("sq_norms", &sq_norms, "sum(g*g) per tensor (fp32), one multi-tensor launch per 36 tensors/320 chunks");
+  mod.def("sq_norms", &sq_norms, "sum(g*g) per tensor (fp32), deterministic: per-chunk partials, then per tensor");
   mod.def("sq_norms_segments", &sq_norms_segments, "sum(g*g) per layer over (offset, length, layer) segments");
   mod.def("update", &update, "fused NovoGrad update of fp32 params/exp_avgs, one denominator per tensor");
   mod.def("update_segments", &update_segments, "fused update over segments of flat tensors, denominators per layer");

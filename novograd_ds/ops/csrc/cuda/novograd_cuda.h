@@ -5,26 +5,24 @@
 #include <cstdint>
 
 #include "../novograd_math.h"
+#include "../spans.h"
+#include "launch_plan.h"
 
 namespace novograd_cuda {
 
 enum GradDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// One contiguous run of one layer's elements on the device: a whole tensor or a segment of a flat tensor.
-struct Span {
-  float* w;       // parameter, fp32 (unused by the norm pass)
-  const void* g;  // gradient, of the call's GradDtype
-  float* m;       // exp_avg, fp32 (unused by the norm pass)
-  int64_t n;      // elements
-  int64_t layer;  // index into the norm output / denominators
-};
+// out[layer] = sum(g*g) over every span of the layer, for every layer in [0, n_layers) (0 for a layer without
+// spans), deterministically: NOTE: [deterministic norms] in launch_plan.h. `partials` is a device workspace of
+// count_slots(spans, n_spans) doubles (may be nullptr when that is 0); `out` is device memory of n_layers
+// floats, written whole (no need to zero it). `spans` is host memory, every layer in [0, n_layers); the
+// launches are queued on `stream` (a cudaStream_t) with no host-to-device copy. Returns a cudaError_t.
+int launch_sq_norms(const Span* spans, int64_t n_spans, int64_t n_layers, GradDtype dtype, double* partials,
+                    float* out, void* stream);
 
-// out[layer] += sum(g*g) over every span of the layer (fp32 accumulation; out must be zeroed by the caller).
-// `spans` is host memory; the launches are queued on `stream` (a cudaStream_t). Returns a cudaError_t.
-int launch_sq_norms(const Span* spans, int64_t n_spans, GradDtype dtype, float* out, void* stream);
-
-// The fused update of every span with denominator denoms[layer] (device memory), novograd_math.h's rule.
-int launch_update(const Span* spans, int64_t n_spans, GradDtype dtype, const float* denoms,
+// The fused update of every span with denominator denoms[layer] (device memory, n_layers entries),
+// novograd_math.h's rule.
+int launch_update(const Span* spans, int64_t n_spans, int64_t n_layers, GradDtype dtype, const float* denoms,
                   novograd::UpdateScalars scalars, void* stream);
 
 const char* error_string(int err);
