@@ -59,6 +59,7 @@ def _engine_worker(rank, world_size):
     import test_zero as Z
     from novograd_ds.comm import all_reduce_, comm_device, group_backend
 
+    torch.set_float32_matmul_precision("highest")  # no TF32 GEMMs (torch's default; FP32_RTOL assumes it)
     out = {"backend": group_backend(), "comm_device": str(comm_device())}
     t = torch.tensor([2.5, -1.0], dtype=torch.float64)  # a CPU metric, as the main job reduces it
     all_reduce_(t)
