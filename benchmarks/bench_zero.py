@@ -106,8 +106,9 @@ def main():
         a_t = min(t for _, t, _ in results["Adam"])
         n_t = min(t for _, t, _ in results["NovoGrad"])
         a_b, n_b = results["Adam"][0][2], results["NovoGrad"][0][2]
-        print(f"ZeRO-2, {torch.distributed.get_world_size()} {accelerator} ranks, TinyTransformer d={args.d_model} layers={args.layers} batch={args.batch} "
-              f"seq={args.seq - 1}, median of {args.steps} steps (best of 2 rounds)")
+        print(f"ZeRO-2, {torch.distributed.get_world_size()} {accelerator} ranks, TinyTransformer d={args.d_model} "
+              f"layers={args.layers} batch={args.batch} seq={args.seq - 1}, median of {args.steps} steps (best of 2 "
+              "rounds)")
         print(f"  Adam     ({results['Adam'][0][0]}): step {a_t * 1e3:8.2f} ms   optimizer state {a_b / 2**20:8.2f} MiB/rank")
         print(f"  NovoGrad ({results['NovoGrad'][0][0]}): step {n_t * 1e3:8.2f} ms   optimizer state {n_b / 2**20:8.2f} MiB/rank")
         print(f"  time ratio NovoGrad/Adam = {n_t / a_t:.3f} (target <= 1.03)   "

@@ -501,8 +501,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         print(f"[novograd_ds.train] {n_params / 1e6:.2f}M params, world {world}, batch {tb} seq x {args.seq_len} "
               f"= {tb * args.seq_len} tokens/step (micro {mb} x accum {ga} x world {world}), optimizer {opt_name} "
-              f"in {type(engine.optimizer).__name__} on {engine.device} ({group_backend()}), steps {start_step}->{max_steps}, unigram entropy "
-              f"{unigram:.3f} nats/token, initial val loss {state['initial_val_loss']:.3f}", flush=True)
+              f"in {type(engine.optimizer).__name__} on {engine.device} ({group_backend()}), steps "
+              f"{start_step}->{max_steps}, unigram entropy {unigram:.3f} nats/token, initial val loss "
+              f"{state['initial_val_loss']:.3f}", flush=True)
 
     bar = None
     if rank == 0 and not args.no_progress and max_steps > start_step:
