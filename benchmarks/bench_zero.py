@@ -1,6 +1,7 @@
-"""NovoGrad (from the DeepSpeed config) vs DeepSpeed's own Adam under ZeRO-2 on 2 CPU ranks.
+"""NovoGrad (from the DeepSpeed config) vs DeepSpeed's own Adam under ZeRO-2 on 2 CPU ranks (or GPUs).
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/bench_zero.py [--steps 30] [--d-model 256]
+    deepspeed --num_gpus 2 benchmarks/bench_zero.py        # on GPUs: NCCL, DeepSpeed's FusedAdam (JIT-built)
 
 Prints, from rank 0, the median full training step (forward, backward, engine.step)
 for each optimizer, their ratio, and the optimizer state bytes per rank (all tensors in the inner optimizer's
@@ -10,6 +11,7 @@ state) and their ratio. Targets: time <= 1.03x Adam, state bytes <= 0.51x Adam.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -17,6 +19,7 @@ import torch
 
 import novograd_ds  # noqa: F401  (registers "NovoGrad")
 import deepspeed
+from deepspeed.accelerator import get_accelerator
 
 
 class Block(torch.nn.Module):
@@ -61,12 +64,13 @@ def run(opt_type, args):
     g = torch.Generator().manual_seed(engine.global_rank)
     times = []
     for step in range(args.warmup + args.steps):
-        idx = torch.randint(0, 1000, (args.batch, args.seq), generator=g)
+        idx = torch.randint(0, 1000, (args.batch, args.seq), generator=g).to(engine.device)
         t0 = time.perf_counter()
         logits = engine(idx[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), idx[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
+        get_accelerator().synchronize()  # a no-op on the CPU; on a GPU the step is asynchronous
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     opt = engine.basic_optimizer
@@ -85,9 +89,14 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=65)
-    ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = ap.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    # The backend follows DeepSpeed's accelerator: the ZeRO collectives run on the engine's tensors, and NCCL
+    # takes CUDA tensors only. Without DS_ACCELERATOR=cpu on a GPU machine this times the GPU step.
+    accelerator = get_accelerator().device_name()
+    if accelerator == "cuda":
+        torch.cuda.set_device(args.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if accelerator == "cuda" else "gloo")
     results = {}
     for round_ in range(2):  # interleave to even out machine noise: Adam, NovoGrad, Adam, NovoGrad
         for opt_type in ("Adam", "NovoGrad"):
@@ -97,8 +106,9 @@ def main():
         a_t = min(t for _, t, _ in results["Adam"])
         n_t = min(t for _, t, _ in results["NovoGrad"])
         a_b, n_b = results["Adam"][0][2], results["NovoGrad"][0][2]
-        print(f"ZeRO-2, 2 CPU ranks, TinyTransformer d={args.d_model} layers={args.layers} batch={args.batch} "
-              f"seq={args.seq - 1}, median of {args.steps} steps (best of 2 rounds)")
+        print(f"ZeRO-2, {torch.distributed.get_world_size()} {accelerator} ranks, TinyTransformer d={args.d_model} "
+              f"layers={args.layers} batch={args.batch} seq={args.seq - 1}, median of {args.steps} steps (best of 2 "
+              "rounds)")
         print(f"  Adam     ({results['Adam'][0][0]}): step {a_t * 1e3:8.2f} ms   optimizer state {a_b / 2**20:8.2f} MiB/rank")
         print(f"  NovoGrad ({results['NovoGrad'][0][0]}): step {n_t * 1e3:8.2f} ms   optimizer state {n_b / 2**20:8.2f} MiB/rank")
         print(f"  time ratio NovoGrad/Adam = {n_t / a_t:.3f} (target <= 1.03)   "

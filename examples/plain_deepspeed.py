@@ -18,6 +18,7 @@ import torch
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
 import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -25,7 +26,12 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
 args = p.parse_args()
 
-deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+# The backend follows DeepSpeed's accelerator (NCCL takes CUDA tensors only, gloo CPU tensors), so every tensor
+# below that takes part in a collective lives on engine.device.
+accelerator = get_accelerator().device_name()
+if accelerator == "cuda":
+    torch.cuda.set_device(args.local_rank)
+deepspeed.init_distributed(dist_backend="nccl" if accelerator == "cuda" else "gloo")
 rank = torch.distributed.get_rank()
 config = {
     "train_micro_batch_size_per_gpu": 32,
@@ -44,9 +50,9 @@ for _ in range(args.steps):
     loss = torch.nn.functional.mse_loss(engine(x.to(engine.device)), (x @ A.T).to(engine.device))
     engine.backward(loss)
     engine.step()
-    t = loss.detach().float().cpu().reshape(1)
+    t = loss.detach().float().reshape(1)  # on engine.device: the device the backend takes
     torch.distributed.all_reduce(t)
-    losses.append(float(t) / torch.distributed.get_world_size())
+    losses.append(float(t.cpu()) / torch.distributed.get_world_size())
 opt = engine.basic_optimizer
 if rank == 0:
     os.makedirs(args.out, exist_ok=True)

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from novograd_ds.comm import all_reduce_, group_backend
+
 __all__ = ["main", "parse_args", "resolve_ds_config", "ConfigError", "train"]
 
 # Defaults sized to finish on 2 CPU cores in about 10 minutes (README / docs/training.md give the figures).
@@ -327,6 +329,42 @@ def setup_env() -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
+def comm_backend_for(accelerator: str) -> str:
+    """The torch.distributed backend for DeepSpeed's accelerator: NCCL for CUDA, gloo for the CPU.
+
+    NOTE: [backend follows the accelerator] The backend is chosen from the accelerator DeepSpeed will put the
+    model on, not from ``torch.cuda.is_available()``: with ``DS_ACCELERATOR=cpu`` on a GPU machine the engine's
+    tensors are CPU tensors, which NCCL refuses. DeepSpeed's CPU accelerator names "ccl" (oneCCL, rarely
+    installed); gloo is what torch ships. Other accelerators keep the backend DeepSpeed names for them.
+    """
+    if accelerator == "cuda":
+        return "nccl"
+    if accelerator == "cpu":
+        return "gloo"
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name()
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of a process with ``local_rank``: its local rank, or 0 when it sees exactly one GPU.
+
+    One visible GPU per process is what ``srun --gpus-per-task=1`` (or a per-process ``CUDA_VISIBLE_DEVICES``)
+    gives: local rank 3 then owns device 0. More local ranks than visible GPUs is a launch mistake; two ranks on
+    one GPU would run, slowly and out of memory, so it is refused with the fix.
+    """
+    if device_count < 1:
+        raise ConfigError("DeepSpeed's accelerator is CUDA but no GPU is visible (torch.cuda.device_count() == 0); "
+                          "fix CUDA_VISIBLE_DEVICES, or set DS_ACCELERATOR=cpu to train on the CPU")
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ConfigError(f"LOCAL_RANK {local_rank} but this process sees only {device_count} GPUs: start at most "
+                      f"{device_count} processes per node (--nproc_per_node / --num_gpus / --ntasks-per-node), or "
+                      "give each process one GPU with CUDA_VISIBLE_DEVICES")
+
+
 def init_distributed() -> tuple[int, int, int]:
     import torch
 
@@ -335,13 +373,18 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    accelerator = get_accelerator().device_name()
+    if accelerator == "cuda":
+        device = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        # DeepSpeed's engine takes its device from LOCAL_RANK; local_rank (returned) keeps the node-local role.
+        os.environ["LOCAL_RANK"] = str(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=comm_backend_for(accelerator), auto_mpi_discovery=False,
+                                   verbose=False)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -376,7 +419,6 @@ def _lm_loss(engine, batch):
 def evaluate(engine, batches, rank: int, world: int) -> float:
     """Mean validation loss over ``batches``, split across ranks (every rank runs the same count)."""
     import torch
-    import torch.distributed as dist
 
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -385,7 +427,7 @@ def evaluate(engine, batches, rank: int, world: int) -> float:
             total[0] += _lm_loss(engine, b).double().item() * b.numel()
             total[1] += b.numel()
     engine.train()
-    dist.all_reduce(total)
+    all_reduce_(total)  # NCCL takes no CPU tensors: reduced on the backend's device, copied back
     return float(total[0] / total[1])
 
 
@@ -394,7 +436,7 @@ def _all_mean(x: float) -> float:
     import torch.distributed as dist
 
     t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
+    all_reduce_(t)
     return float(t[0]) / dist.get_world_size()
 
 
@@ -471,8 +513,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         print(f"[novograd_ds.train] {n_params / 1e6:.2f}M params, world {world}, batch {tb} seq x {args.seq_len} "
               f"= {tb * args.seq_len} tokens/step (micro {mb} x accum {ga} x world {world}), optimizer {opt_name} "
-              f"in {type(engine.optimizer).__name__}, steps {start_step}->{max_steps}, unigram entropy "
-              f"{unigram:.3f} nats/token, initial val loss {state['initial_val_loss']:.3f}", flush=True)
+              f"in {type(engine.optimizer).__name__} on {engine.device} ({group_backend()}), steps "
+              f"{start_step}->{max_steps}, unigram entropy {unigram:.3f} nats/token, initial val loss "
+              f"{state['initial_val_loss']:.3f}", flush=True)
 
     bar = None
     if rank == 0 and not args.no_progress and max_steps > start_step:
@@ -551,6 +594,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         basic_optimizer_is_novograd=is_novograd,
         optimizer_wrapper=type(engine.optimizer).__name__,
         zero_stage=engine.zero_optimization_stage(),
+        device=str(engine.device),
+        comm_backend=group_backend(),
         param_dtype=str(next(engine.module.parameters()).dtype).replace("torch.", ""),
         train_history=state["train_history"],
         val_history=state["val_history"],

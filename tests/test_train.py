@@ -138,6 +138,26 @@ def test_slurm_environment_is_mapped(monkeypatch):
     assert os.environ["MASTER_ADDR"] == "n12" and os.environ["MASTER_PORT"] == str(20000 + 4242)
 
 
+def test_backend_follows_deepspeeds_accelerator():
+    """NCCL only for CUDA: DS_ACCELERATOR=cpu on a GPU machine trains on the CPU with gloo (NOTE: [backend follows
+    the accelerator] in novograd_ds/train.py)."""
+    from novograd_ds.train import comm_backend_for
+
+    assert comm_backend_for("cuda") == "nccl"
+    assert comm_backend_for("cpu") == "gloo"
+
+
+def test_local_rank_to_cuda_device():
+    from novograd_ds.train import ConfigError, cuda_device_index
+
+    assert [cuda_device_index(r, 8) for r in range(8)] == list(range(8))
+    assert cuda_device_index(3, 1) == 0  # srun --gpus-per-task=1: every process sees its own GPU as device 0
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK 4 but this process sees only 2 GPUs: start at most 2"):
+        cuda_device_index(4, 2)
+    with pytest.raises(ConfigError, match="no GPU is visible.*DS_ACCELERATOR=cpu"):
+        cuda_device_index(0, 0)
+
+
 # ----------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_bad_arguments_from_the_command_line(tmp_path):
