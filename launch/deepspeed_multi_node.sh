@@ -19,5 +19,6 @@ MASTER_PORT=${MASTER_PORT:-29500}
 if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
 EXTRA=()
 if [[ "${NO_SSH:-0}" == "1" ]]; then EXTRA=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK (0..nodes-1) with NO_SSH=1}"); fi
+if [[ -n "${SSH_PORT:-}" ]]; then EXTRA+=(--ssh_port "$SSH_PORT"); fi
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${EXTRA[@]}" \
     --module novograd_ds.train --deepspeed-config "$CONFIG" --out "$OUT" "$@"
