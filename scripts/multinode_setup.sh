@@ -158,6 +158,7 @@ EOF
     local node
     for node in node1 node2; do
         # a private mount namespace per slurmd: its /etc/hosts (and its jobs') knows node1 and node2
+        # shellcheck disable=SC2016  # $1..$3 expand in that inner sh
         unshare --mount --propagation private \
             sh -c 'mount --bind "$1" /etc/hosts && exec slurmd -f "$2" -N "$3"' sh "$dir/hosts" "$dir/slurm.conf" "$node"
     done

@@ -23,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,13 +186,29 @@ def test_deepspeed_launcher_two_nodes_pdsh_ssh(tmp_path, reference, sshd):
                OUT=out, DS_ENV_FILE=ds_env)  # an absolute DS_ENV_FILE replaces ~/.deepspeed_env
     env["PATH"] = f"{sshd.bin}{os.pathsep}{env['PATH']}"  # ssh = /usr/bin/ssh -F <the test's ssh config>
     ds_env.write_text("".join(f"{k}={env[k]}\n" for k in REMOTE_ENV if k in env))
+    logins = sshd.log.read_text().count("Accepted publickey for")
     r = _run(["bash", "launch/deepspeed_multi_node.sh", *TINY], env)
     _check(out, reference)
     text = r.stdout + r.stderr
     assert "cmd = pdsh" in text and "localhost: " in text and "127.0.0.1: " in text  # pdsh's per-host prefixes
     assert "node_rank=0" in text and "node_rank=1" in text
-    # DeepSpeed's ssh check and one pdsh session per host
-    assert sshd.log.read_text().count("Accepted publickey for") >= 3
+    # DeepSpeed's ssh check, then one pdsh session per host
+    assert sshd.log.read_text().count("Accepted publickey for") - logins == 3
+
+
+def _wait_for_job(job: str, env, timeout=600) -> str:
+    """Polls the job until Slurm reports an end state (sbatch --wait sleeps 2, 8, then 32 s between its polls)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = subprocess.run(["scontrol", "show", "job", "--oneliner", job], env=env, capture_output=True,
+                              text=True).stdout
+        state = info.split("JobState=", 1)[1].split()[0] if "JobState=" in info else "UNKNOWN"
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "UNKNOWN"):
+            return info
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job], env=env)
+            pytest.fail(f"Slurm job {job} still {state} after {timeout} s:\n{info}")
+        time.sleep(0.5)
 
 
 def test_slurm_sbatch_real_cluster(tmp_path, reference, slurm):
@@ -202,16 +219,14 @@ def test_slurm_sbatch_real_cluster(tmp_path, reference, slurm):
     env.update(SLURM_CONF=str(slurm.conf), GPUS_PER_NODE="1", MASTER_PORT=str(_port()), CONFIG=CONFIG, OUT=str(out))
     # The script asks for 8 GPUs and 32 CPUs per node; these nodes have 1 CPU and no GPU: override on the command
     # line (sbatch's options win over #SBATCH lines), as one would on a smaller partition.
-    r = subprocess.run(["sbatch", "--wait", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1",
-                        f"--output={log}", "launch/slurm.sbatch", *TINY],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = _run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
+              "launch/slurm.sbatch", *TINY], env)
     job = r.stdout.strip().split(";")[0]
-    job_out = Path(str(log).replace("%j", job)) if job else None
-    text = job_out.read_text() if job_out and job_out.is_file() else "(no job output)"
-    assert r.returncode == 0, f"sbatch rc {r.returncode}\n{r.stderr[-2000:]}\n{text[-4000:]}"
-    info = subprocess.run(["scontrol", "show", "job", "--oneliner", job], env=env, capture_output=True,
-                          text=True).stdout
-    assert "JobState=COMPLETED" in info and "NumNodes=2" in info and "NodeList=node[1-2]" in info, info
+    info = _wait_for_job(job, env)
+    job_out = Path(str(log).replace("%j", job))
+    text = job_out.read_text() if job_out.is_file() else "(no job output)"
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, f"{info}\n{text[-4000:]}"
+    assert "NumNodes=2" in info and "NodeList=node[1-2]" in info, info
     _check(out, reference)
 
 
