@@ -44,14 +44,16 @@ cmd_install() {
 
 # Prints why the named part cannot run here (nothing when it can).
 why_not() {
-    local part=$1 b
+    local part=$1 b hint=", or: bash scripts/multinode_setup.sh install)"
     [[ $(id -u) == 0 ]] || { echo "needs root (sshd/slurmd run as root here)"; return; }
     case $part in
         ssh) for b in pdsh /usr/sbin/sshd ssh ssh-keygen; do
-                 command -v "$b" > /dev/null || { echo "$b not found (apt-get install pdsh openssh-server openssh-client, or: bash scripts/multinode_setup.sh install)"; return; }
+                 command -v "$b" > /dev/null && continue
+                 echo "$b not found (apt-get install pdsh openssh-server openssh-client$hint"; return
              done ;;
         slurm) for b in slurmctld slurmd sbatch srun scontrol sinfo munged unshare; do
-                   command -v "$b" > /dev/null || { echo "$b not found (apt-get install slurmctld slurmd slurm-client munge, or: bash scripts/multinode_setup.sh install)"; return; }
+                   command -v "$b" > /dev/null && continue
+                   echo "$b not found (apt-get install slurmctld slurmd slurm-client munge$hint"; return
                done ;;
         *) die "check: unknown part '$part' (ssh or slurm)" ;;
     esac
@@ -159,8 +161,8 @@ EOF
     for node in node1 node2; do
         # a private mount namespace per slurmd: its /etc/hosts (and its jobs') knows node1 and node2
         # shellcheck disable=SC2016  # $1..$3 expand in that inner sh
-        unshare --mount --propagation private \
-            sh -c 'mount --bind "$1" /etc/hosts && exec slurmd -f "$2" -N "$3"' sh "$dir/hosts" "$dir/slurm.conf" "$node"
+        unshare --mount --propagation private sh -c 'mount --bind "$1" /etc/hosts && exec slurmd -f "$2" -N "$3"' \
+            sh "$dir/hosts" "$dir/slurm.conf" "$node"
     done
     local i states
     for ((i = 0; i < 150; i++)); do
@@ -207,5 +209,6 @@ case ${1:-} in
     sshd-start) shift; cmd_sshd_start "$@" ;;
     slurm-start) shift; cmd_slurm_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
-    *) die "usage: $0 install | check [ssh|slurm] | sshd-start DIR PORT | slurm-start DIR CTLD_PORT PORT1 PORT2 | stop DIR" ;;
+    *) die "usage: $0 install | check [ssh|slurm] | sshd-start DIR PORT" \
+           "| slurm-start DIR CTLD_PORT PORT1 PORT2 | stop DIR" ;;
 esac

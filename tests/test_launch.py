@@ -176,7 +176,7 @@ REMOTE_ENV = ("DS_ACCELERATOR", "NOVOGRAD_DS_CACHE", "NOVOGRAD_DS_DISABLE_NATIVE
               "TORCH_EXTENSIONS_DIR", "PATH")
 
 
-def test_deepspeed_launcher_two_nodes_pdsh_ssh(tmp_path, reference, sshd):
+def test_deepspeed_launcher_two_nodes_pdsh_ssh(tmp_path, sshd, reference):  # sshd first: skip before the reference run
     """The multi-node script's own path: deepspeed -> pdsh -> ssh into both hosts of a two-entry hostfile (both
     this machine), each host running deepspeed.launcher.launch --node_rank=%n with the same venv python."""
     hostfile = tmp_path / "hostfile"
@@ -211,7 +211,7 @@ def _wait_for_job(job: str, env, timeout=600) -> str:
         time.sleep(0.5)
 
 
-def test_slurm_sbatch_real_cluster(tmp_path, reference, slurm):
+def test_slurm_sbatch_real_cluster(tmp_path, slurm, reference):
     """launch/slurm.sbatch submitted with real sbatch to a two-node Slurm cluster; srun starts
     launch/slurm_node.sh on node1 and node2 (one slurmd each), each starts torchrun with 1 rank."""
     out, log = tmp_path / "run", tmp_path / "slurm-%j.out"
