@@ -5,6 +5,7 @@
 # What srun runs on every node of launch/slurm.sbatch (one task per node). Reads SLURM's variables; MASTER_ADDR
 # defaults to the first host of SLURM_JOB_NODELIST. Alternative without torchrun: srun with one task per GPU
 # straight into "python -m novograd_ds.train", which maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID itself.
+# Static torchrun ranks (node rank = SLURM_NODEID): Slurm already knows every node, no rendezvous to wait for.
 set -euo pipefail
 : "${SLURM_NNODES:?run under srun (or set SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST)}"
 CONFIG=${CONFIG:-configs/novograd_32k.json}
