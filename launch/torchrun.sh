@@ -16,7 +16,8 @@
 # Several nodes, static: run on every node with the same MASTER_ADDR/MASTER_PORT (the first node's address)
 #   and NODE_RANK=0..NNODES-1:  NNODES=2 NODE_RANK=<i> MASTER_ADDR=<host0> bash launch/torchrun.sh
 # novograd_ds.train reads RANK/WORLD_SIZE/LOCAL_RANK from torchrun and builds the DeepSpeed engine itself; no
-# deepspeed launcher involved. On a cluster: NPROC_PER_NODE = GPUs per node (the default), OUT on shared storage
+# deepspeed launcher involved. ENGINE=fsdp2 trains with PyTorch FSDP2 (fully_shard) instead of a DeepSpeed engine,
+# from the same config's batch, optimizer, scheduler, clipping and bf16 keys (--engine fsdp2, docs/training.md). On a cluster: NPROC_PER_NODE = GPUs per node (the default), OUT on shared storage
 # (every rank writes its checkpoint shard there), NCCL_* settings for your fabric exported before the call.
 # Tested (tests/test_launch.py, one CPU machine, gloo): one node x 2 ranks, and two torchrun agents x 1 rank each,
 # both with static ranks and with c10d rendezvous on 127.0.0.1.
@@ -24,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/zero2.json}
 OUT=${OUT:-runs/torchrun}
+ENGINE=${ENGINE:-deepspeed}
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
@@ -32,4 +34,4 @@ else
     RENDEZVOUS=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${RENDEZVOUS[@]}" \
-    -m novograd_ds.train --deepspeed-config "$CONFIG" --out "$OUT" "$@"
+    -m novograd_ds.train --engine "$ENGINE" --deepspeed-config "$CONFIG" --out "$OUT" "$@"

@@ -301,3 +301,28 @@ def test_dcp_checkpoint_world3_to_world2(tmp_path):
     err = rel_err(resumed["params"], straight)
     print("DCP world 3 -> 2 rel err", err)
     assert err < TOL, err
+
+
+@pytest.mark.slow
+def test_readme_fsdp2_example_runs(tmp_path):
+    """The README's copy-paste FSDP2 example, as written, under torchrun with 2 ranks."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from subproc import child_env
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("## PyTorch FSDP2", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code + "\nprint('README-FSDP2-OK', flush=True)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), str(script)], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.count("README-FSDP2-OK") == 2, r.stderr[-3000:]

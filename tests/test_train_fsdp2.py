@@ -51,9 +51,12 @@ def deepspeed_reference(tmp_path_factory):
 
 
 def test_fsdp2_engine_world2_equals_deepspeed_one_process(tmp_path, deepspeed_reference):
+    """launch/torchrun.sh with ENGINE=fsdp2, 2 ranks."""
     out = tmp_path / "fsdp2"
-    _torchrun(2, "--engine", "fsdp2", "--deepspeed-config", CONFIG, "--out", str(out), *TINY, "--max-steps", "5",
-              "--eval-interval", "5")
+    env = child_env(ENGINE="fsdp2", NPROC_PER_NODE=2, MASTER_PORT=_port(), CONFIG=CONFIG, OUT=out)
+    r = subprocess.run(["bash", "launch/torchrun.sh", *TINY, "--max-steps", "5", "--eval-interval", "5"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
     m = _metrics(out)
     assert m["engine"] == "fsdp2" and m["world_size"] == 2 and m["steps"] == 5
     assert m["basic_optimizer"] == "novograd_ds.optimizer.NovoGrad" and m["optimizer_wrapper"] == "NovoGrad"  # no wrapper
