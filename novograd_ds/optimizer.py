@@ -428,12 +428,15 @@ class NovoGrad(Optimizer):
         layer_step = getattr(kernels, "layer_step_", None)
         if layer_step is None:
             return False
-        params = [p for p, _, _ in entries]
-        states = [self.state[p] for p in params]
+        states = [self.state[p] for p, _, _ in entries]
+        # the local pieces (a DTensor parameter on a mesh of one has no reduction but is still a DTensor)
+        params = [sh.local(p) if sh is not None else p for p, sh, _ in entries]
+        grads = [sh.local(g) if sh is not None else g for _, sh, g in entries]
+        exp_avgs = [sh.local(s[EXP_AVG]) if sh is not None else s[EXP_AVG] for (_, sh, _), s in zip(entries, states)]
         beta1, beta2 = group["betas"]
         a1, c1, a2, c2 = step_factors(states[0][STEP] + 1, beta1, beta2, group["grad_averaging"])
         done = layer_step(
-            params, [g for _, _, g in entries], [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
+            params, grads, exp_avgs, [s[EXP_AVG_SQ] for s in states],
             [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None,
             lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],

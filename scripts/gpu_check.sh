@@ -16,7 +16,7 @@
 #               under NCCL against the CPU reference, the main job's first validation, fp16 loss scaling)
 #   5 main_job  the main job, 60 steps, one GPU, through launch/deepspeed_single_node.sh (the deepspeed launcher,
 #               NCCL) with configs/bf16.json (= configs/zero2.json + bf16), default model (4 x 256, 4.2M
-#               params), validation every 20 steps
+#               params), validation every 20 steps; then 20 steps of it under FSDP2 (ENGINE=fsdp2 launch/torchrun.sh)
 #   6 bench     benchmarks/bench_cuda_step.py: fused CUDA NovoGrad vs torch fused AdamW, our foreach and
 #               torch-optimizer's NovoGrad on ~153M fp32 params, and a device-to-device copy
 # Results: $OUT/summary.txt (the table printed last), one log per stage ($OUT/1_setup.log ... $OUT/6_bench.log)
@@ -43,8 +43,12 @@ SITE=${GPU_CHECK_SITE:-/tmp/site}
 PY=$(command -v "${PYTHON:-python3}") || { echo "gpu_check.sh: no ${PYTHON:-python3}" >&2; exit 2; }
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 mkdir -p "$WORK/bin" || exit 2
-# The launch scripts call `python`: make it (and python3) the interpreter that holds torch, first on PATH.
-ln -sf "$PY" "$WORK/bin/python" && ln -sf "$PY" "$WORK/bin/python3" || exit 2
+# The launch scripts call `python`: make it (and python3) the interpreter that holds torch, first on PATH. Wrappers,
+# not symlinks: a symlink to a venv's python started from another directory does not find its pyvenv.cfg, so it
+# runs as the base interpreter without the venv's packages (torch among them on the device: /opt/torch/.venv).
+for name in python python3; do
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" >"$WORK/bin/$name" && chmod +x "$WORK/bin/$name" || exit 2
+done
 
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$WORK/bin:$PATH"
@@ -198,6 +202,13 @@ stage_main_job() {
     NUM_GPUS=1 CONFIG=configs/bf16.json OUT=$out MASTER_PORT=${MASTER_PORT:-29517} \
         bash launch/deepspeed_single_node.sh "${args[@]}" || return 1
     cp "$out/metrics.json" "$RESULTS/5_metrics.json" || return 1
+    # the same job under PyTorch FSDP2 (--engine fsdp2, torchrun, NCCL), a third of the steps; its metrics are printed
+    local fsdp=$WORK/main_job_fsdp2 fargs=("${args[@]}")
+    fargs[1]=$((args[1] > 3 ? args[1] / 3 : args[1]))
+    rm -rf "$fsdp"
+    ENGINE=fsdp2 NPROC_PER_NODE=1 CONFIG=configs/bf16.json OUT=$fsdp MASTER_PORT=${MASTER_PORT_FSDP2:-29518} \
+        bash launch/torchrun.sh "${fargs[@]}" || { echo "NOTE: the FSDP2 main job failed"; return 1; }
+    "$PY" -c "import json, sys; m = json.load(open(sys.argv[1])); print('fsdp2 metrics', {k: m[k] for k in ('engine', 'steps', 'device', 'comm_backend', 'val_history', 'tokens_per_second')})" "$fsdp/metrics.json" || return 1
     "$PY" - "$out/metrics.json" "$DRY" <<'EOF'
 import json
 import math
