@@ -25,10 +25,14 @@ LINE = re.compile(r"^(PASS|FAIL|SKIP) +(\S+) +(\S+) +(.+?) +(\S+) (<=|>) (\S+)$"
 
 
 def _check(*args):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # small ops: a second thread only waits for a busy core here
     return subprocess.run([sys.executable, "-m", "novograd_ds.env", "--check", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_check_runs_every_backend_case_against_the_rule():
     """On this CPU: reference and foreach (fp32/bf16/fp16/fp64 gradients), fused-cpu (fp32/bf16/fp16, list, one-call
     list and segment forms) and its self-check; 32 flag combinations each; exit 0."""
@@ -53,6 +57,7 @@ def test_check_runs_every_backend_case_against_the_rule():
     assert re.search(rf"^env --check: {len(rows)} passed, 0 failed$", out.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_check_fails_on_an_injected_fault():
     if CPUOpBuilder().missing():
         pytest.skip("cannot build the CPU op here: " + "; ".join(CPUOpBuilder().missing()))

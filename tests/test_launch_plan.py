@@ -88,6 +88,7 @@ def _cases(proc) -> dict[str, dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_every_build_covers_every_element_once_and_meets_float64(emulations, name):
     proc = emulations[name]
@@ -110,6 +111,7 @@ def test_the_op_limits_need_several_launches_for_the_large_cases(emulations):
     assert table_bytes <= 4096
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [["op-limits", "tight", "one-per-launch"],
                                    ["small", "small-tight", "small-one", "small-wide"]], ids=["op-chunk", "small-chunk"])
 def test_results_are_bitwise_independent_of_launch_limits(emulations, group):

@@ -310,6 +310,7 @@ def test_missing_compiler_explicit_error_and_automatic_fallback(tmp_path):
     assert not any(tmp_path.iterdir()) or not any(tmp_path.rglob("*.so"))
 
 
+@pytest.mark.slow
 def test_cuda_kernel_compiles_with_nvcc():
     import shutil
 
@@ -473,6 +474,7 @@ print("RESULT " + json.dumps(dict(built=info["built"], waited=info["waited_s"], 
 """
 
 
+@pytest.mark.slow
 def test_concurrent_cold_loads_build_once(tmp_path):
     """Two processes load one op with a cold cache at the same moment: one builds while the other waits on the
     build directory's lock, then both import the same module; ninja compiled once. A stale torch baton (``lock``,
