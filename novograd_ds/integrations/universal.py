@@ -14,9 +14,10 @@ Checkpoints in the expanded form (novograd_ds up to 997ee90) and checkpoints of 
 unchanged. ZeRO-1/2, ZeRO-3 and BF16_Optimizer checkpoints are handled (DeepSpeed's extractors for all of them read
 the shard files through ``torch.load``, which is wrapped while an extractor runs, in the worker that runs it).
 
-The universal ``zero/optimizer_state.pt`` is also made readable by both of DeepSpeed's universal loaders (ZeRO-1/2
-reads ``param_groups`` and ``ds_version``, ZeRO-3 ``optimizer_state_dict.state[0].step`` and
-``optimizer_state_dict.param_groups``), so a ZeRO-2 checkpoint continues under ZeRO-3.
+The output is also made readable by both of DeepSpeed's universal loaders, so that a ZeRO-2 checkpoint continues
+under ZeRO-3: ``zero/optimizer_state.pt`` gets the keys of both (ZeRO-1/2 reads ``param_groups`` and
+``ds_version``, ZeRO-3 ``optimizer_state_dict.state[0].step`` and ``optimizer_state_dict.param_groups``), and the
+model-state file gets the name the other stage looks for (a hard link).
 
 ``python -m deepspeed.checkpoint.ds_to_universal`` itself, run on a compact checkpoint, stops with
 ``KeyError: 'exp_avg_sq'`` in ``extract_zero_shards``: it runs in its own process, where nothing of ours is loaded.
@@ -191,8 +192,35 @@ def inspect_checkpoint(folder: str) -> str:
     return "expanded"
 
 
-def _fix_optimizer_state(input_folder: str, output_folder: str) -> None:
-    """Make ``zero/optimizer_state.pt`` readable by the ZeRO-1/2 and the ZeRO-3 universal loader alike."""
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.exists(dst):
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+def _fix_for_both_loaders(input_folder: str, output_folder: str) -> None:
+    """Make the universal checkpoint loadable by a ZeRO-1/2 engine and by a ZeRO-3 engine, whatever wrote it.
+
+    The engines look for differently named model-state files (``mp_rank_XX_model_states.pt``, ZeRO-3
+    ``zero_pp_rank_0_mp_rank_XX_model_states.pt``; a universal load reads only their metadata, the weights come from
+    ``zero/``): the missing name is added as a hard link. ``zero/optimizer_state.pt`` gets the keys of both loaders.
+    """
+    import glob
+    import re
+
+    for f in glob.glob(os.path.join(output_folder, "*model_states.pt")):
+        base = os.path.basename(f)
+        plain = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", base)
+        zero3 = re.fullmatch(r"zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt", base)
+        if plain:
+            _link_or_copy(f, os.path.join(output_folder, f"zero_pp_rank_0_mp_rank_{plain.group(1)}_model_states.pt"))
+        elif zero3:
+            _link_or_copy(f, os.path.join(output_folder, f"mp_rank_{zero3.group(1)}_model_states.pt"))
     path = os.path.join(output_folder, "zero", "optimizer_state.pt")
     if not os.path.isfile(path):
         return
@@ -237,7 +265,7 @@ def convert(argv: Sequence[str]) -> None:
         d2u.main(args)
     finally:
         uninstall()
-    _fix_optimizer_state(args.input_folder, args.output_folder)
+    _fix_for_both_loaders(args.input_folder, args.output_folder)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

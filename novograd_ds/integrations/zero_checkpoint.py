@@ -69,7 +69,10 @@ def _named_errors(engine: Any, original: Any, name: str):
         try:
             result = original(engine, load_dir, tag, *args, **kwargs)
         except CheckpointError as err:
-            raise CheckpointError(f"{_where(engine, name, load_dir, tag)}: {err}") from err
+            where = _where(engine, name, load_dir, tag)
+            if where in str(err):
+                raise
+            raise CheckpointError(f"{where}: {err}") from err
         if name == "_load_zero_checkpoint":
             _drop_expanded_views(engine.optimizer)
         return result
