@@ -14,7 +14,7 @@ keeps one second moment per *layer*. Its entry in ``NovoGrad.state_dict()["state
      }}
 
 so a save allocates nothing the size of the flat (only the ``[3, S]`` index) and writes 4 bytes per element for
-``exp_avg`` plus ``28 * S + 4 * n_layers`` bytes per flat. The compact values sit one level down, in a dict, because
+``exp_avg`` plus ``24 * S + 4 * n_layers`` bytes per flat. The compact values sit one level down, in a dict, because
 DeepSpeed's tools narrow every *tensor* of a flat's state to the flat's unpadded length (``zero_checkpoint.py``
 ``_strip_tensor_paddings``, ZeRO-1/2's elastic save) and would cut a per-layer vector short; a dict passes untouched.
 

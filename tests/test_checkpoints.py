@@ -1,8 +1,24 @@
-"""NovoGrad's checkpoints: the compact on-disk form, loading old expanded checkpoints, universal conversion."""
+"""NovoGrad's checkpoints: the compact on-disk form (NOTE: [the compact checkpoint form]), loading checkpoints of the
+earlier expanded form, errors on incomplete checkpoints, universal conversion (python -m novograd_ds.universal) and
+resharding on real DeepSpeed engines, sizes against DeepSpeed's Adam, zero_to_fp32, the HF Trainer's save/resume.
+
+The fast tests run the core in one process (bound flats without an engine); the slow ones launch ranks once per world
+size (3 and 4 save, 2 loads everything) and share them through a module fixture.
+"""
 
 from __future__ import annotations
 
+import copy
+import io
+import os
+
+import pytest
 import torch
+
+from novograd_ds import NovoGrad
+from novograd_ds.checkpoint import COMPACT, CheckpointError, expand_fragment, segment_index
+from novograd_ds.kernels import SegmentTable
+from novograd_ds.sharding import FlatLayout, expand_layer_values
 
 # -- the model and run of the old-format fixture (tests/data/expanded_zero2, made by tests/data/make_expanded_zero2.py)
 FIX_GLOBAL, FIX_GAS = 8, 2
@@ -81,16 +97,6 @@ def fixture_params(engine):
 
 
 # -- the core, one process: bound flats without an engine (no reductions, so no collectives) ---------------------------
-import copy  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-
-import pytest  # noqa: E402
-
-from novograd_ds import NovoGrad  # noqa: E402
-from novograd_ds.checkpoint import COMPACT, CheckpointError, expand_fragment, segment_index  # noqa: E402
-from novograd_ds.kernels import SegmentTable  # noqa: E402
-from novograd_ds.sharding import FlatLayout, expand_layer_values  # noqa: E402
 
 # two flats, as a ZeRO wrapper hands them over: segments of several layers, alignment gaps and padding in none
 FLATS = {"a": (24, [(0, 5, 0), (5, 7, 1), (14, 6, 2)], 3), "b": (10, [(0, 4, 0), (4, 5, 1)], 2)}
@@ -410,7 +416,7 @@ class SizeNet(torch.nn.Module):
 
 
 def size_worker_part(rank, world_size, root):
-    """ZeRO-2 optimizer shard sizes of NovoGrad and of DeepSpeed's Adam on SizeNet; NovoGrad's weights for zero_to_fp32."""
+    """ZeRO-2 optimizer shard sizes of NovoGrad and DeepSpeed's Adam on SizeNet; NovoGrad's weights (zero_to_fp32)."""
     import deepspeed
 
     out = {}
@@ -456,8 +462,9 @@ def load_worker(rank, world_size, root, loads):
 
     # the checkpoint of the expanded form (tests/data), rigid at world size 2 and through the converter into ZeRO-3
     fixture = os.path.join(root, "fixture")
-    for name, top, zero in (("fixture rigid", {}, {}), ("fixture universal z3", {"checkpoint": {"load_universal": True}},
-                                                        {"stage": 3, "sub_group_size": 100})):
+    for name, top, zero in (("fixture rigid", {}, {}),
+                            ("fixture universal z3", {"checkpoint": {"load_universal": True}},
+                             {"stage": 3, "sub_group_size": 100})):
         cfg = {**fixture_config(world_size), **top}
         cfg["zero_optimization"].update(zero)
         engine = fixture_engine(deepspeed, cfg)
@@ -585,7 +592,8 @@ def test_old_expanded_checkpoint_loads_and_continues_as_before(resharded):
 def test_incomplete_checkpoints_name_the_file(resharded):
     errors = resharded["loaded"][0]["errors"]
     print(errors)
-    assert "zero/l2.bias/exp_avg_sq.pt" in errors["universal"] and "python -m novograd_ds.universal" in errors["universal"]
+    assert "zero/l2.bias/exp_avg_sq.pt" in errors["universal"]
+    assert "python -m novograd_ds.universal" in errors["universal"]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in errors["rigid"] and "no step" in errors["rigid"]
 
 
