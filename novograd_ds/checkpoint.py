@@ -43,7 +43,7 @@ from torch import Tensor
 from .kernels import SegmentTable
 
 __all__ = ["COMPACT", "COMPACT_FORMAT", "CheckpointError", "segment_index", "segments_from_index",
-           "expand_fragment", "compact_entry"]
+           "expand_fragment", "compact_entry", "load_mapped"]
 
 #: Key of the dict that holds a flat's non-per-element state in its saved entry.
 COMPACT = "novograd"
@@ -103,3 +103,12 @@ def expand_fragment(values: Tensor, index: Tensor, start: int, length: int) -> T
     for j in torch.nonzero(hi > lo).flatten().tolist():
         out[int(lo[j]) - start:int(hi[j]) - start] = values[int(layers[j])]
     return out
+
+
+def load_mapped(path: str) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU, memory-mapped where the file allows it (zip format): reading a
+    few small entries of a large shard then touches only those."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, ValueError):  # a file torch cannot map (legacy format): read it
+        return torch.load(path, map_location="cpu", weights_only=False)

@@ -455,6 +455,10 @@ def load_worker(rank, world_size, root, loads):
         engine.load_checkpoint(os.path.join(root, f"{saved_as}_w{src_world}"), tag="s3_uni",
                                load_lr_scheduler_states=False)
         state = loaded_state(engine)
+        # DeepSpeed's per-parameter views of the per-element exp_avg_sq are gone (it is freed when folded)
+        views = [k for lp in engine.module.parameters() if getattr(lp, "_hp_mapping", None) is not None
+                 for k in (lp._hp_mapping.optim_fragment or {})]
+        assert "exp_avg_sq" not in views and (load_as == "z3" or "exp_avg" in views), (name, views)
         wd = [g["weight_decay"] for g in engine.basic_optimizer.param_groups]
         fixture_steps(engine, rank, world_size, range(3, 6), GLOBAL)
         out[name] = {"state": state, "weight_decay": wd, "params": fixture_params(engine),

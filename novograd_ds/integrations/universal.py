@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..checkpoint import COMPACT, compact_entry, expand_fragment
+from ..checkpoint import compact_entry, expand_fragment, load_mapped
 
 __all__ = ["LayerExpansion", "main", "inspect_checkpoint", "convert"]
 
@@ -181,8 +181,7 @@ def inspect_checkpoint(folder: str) -> str:
     files = _optim_files(folder)
     if not files:
         return "none"
-    sd = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    states = _flat_states(sd) or {}
+    states = _flat_states(load_mapped(files[0])) or {}
     for entry in states.values():
         compact = compact_entry(entry) if isinstance(entry, dict) else None
         if compact is not None:
@@ -225,7 +224,7 @@ def _fix_for_both_loaders(input_folder: str, output_folder: str) -> None:
     if not os.path.isfile(path):
         return
     out = torch.load(path, map_location="cpu", weights_only=False)
-    shard = torch.load(_optim_files(input_folder)[0], map_location="cpu", weights_only=False, mmap=True)
+    shard = load_mapped(_optim_files(input_folder)[0])
     osd = shard["optimizer_state_dict"]
     base = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
     groups = out.get("param_groups") or base["param_groups"]

@@ -19,9 +19,7 @@ import functools
 import os
 from typing import Any
 
-import torch
-
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_mapped
 
 __all__ = ["attach"]
 
@@ -129,7 +127,7 @@ def _zero3_universal(wrapper: Any, original: Any):
                                _UNIVERSAL_FILES_Z3)
         result = original(wrapper, checkpoint_dir)
         path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        saved = load_mapped(path)
         groups = saved.get("param_groups") or saved.get("optimizer_state_dict", {}).get("param_groups")
         current = wrapper.optimizer.param_groups
         if groups is None or len(groups) != len(current):
