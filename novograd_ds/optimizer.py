@@ -454,14 +454,7 @@ class NovoGrad(Optimizer):
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state[EXP_AVG_LAYER] = torch.zeros(layout.n_layers, dtype=vdtype, device=p.device)
             else:
-                # loaded from a checkpoint in the expanded form (written up to 997ee90, or a universal checkpoint):
-                # fold back, exactly (the elements are copies of their layer's v)
-                self._check_flat_state(state, layout.label, p.numel(), expanded=True)
-                per_element = state.pop(EXP_AVG_SQ)
-                per_element_max = state.pop(MAX_EXP_AVG_SQ, None)
-                state[EXP_AVG_LAYER] = self._fold_layer_values(per_element, layout, vdtype)
-                if per_element_max is not None and per_element_max.numel() == p.numel():
-                    state[MAX_EXP_AVG_LAYER] = self._fold_layer_values(per_element_max, layout, vdtype)
+                self._fold_flat_state(state, layout, p)
             state[EXP_AVG_LAYER].swappable = False  # DeepSpeed's NVMe swapper must leave this small vector alone
         if group["amsgrad"] and MAX_EXP_AVG_LAYER not in state:
             if state[STEP]:
@@ -492,12 +485,61 @@ class NovoGrad(Optimizer):
                 f"{sorted(state)}). Refusing to start this state afresh: load a complete checkpoint, or load without "
                 "optimizer states (load_optimizer_states=False) to start the optimizer from scratch")
 
+    def _fold_flat_state(self, state: dict[str, Any], layout: FlatLayout, p: Tensor) -> None:
+        """A flat loaded from the expanded form (written up to 997ee90, or put there by DeepSpeed's universal loader):
+        fold the per-element moments back to per-layer values, exactly (the elements are copies of their layer's v),
+        and drop them. Collective over the layout's groups (an all_reduce MAX)."""
+        self._check_flat_state(state, layout.label, p.numel(), expanded=True)
+        vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        per_element = state.pop(EXP_AVG_SQ)
+        per_element_max = state.pop(MAX_EXP_AVG_SQ, None)
+        state[EXP_AVG_LAYER] = self._fold_layer_values(per_element, layout, vdtype)
+        if per_element_max is not None and per_element_max.numel() == p.numel():
+            state[MAX_EXP_AVG_LAYER] = self._fold_layer_values(per_element_max, layout, vdtype)
+        state[EXP_AVG_LAYER].swappable = False
+
+    def fold_expanded_state(self) -> int:
+        """Fold every bound flat's loaded per-element second moment into per-layer values now; returns how many.
+
+        A checkpoint in the expanded form, or DeepSpeed's universal loader, leaves a per-element ``exp_avg_sq`` (4
+        bytes per element) in a flat's state; the first ``step()`` folds it anyway, but calling this right after the
+        load frees it before training resumes (the DeepSpeed adapter does, in ``engine.load_checkpoint``). Collective:
+        every rank of the flats' groups must call it, as they all call ``load_checkpoint``.
+        """
+        folded = 0
+        for layout in self._layouts.values():
+            state = self.state.get(layout.tensor)
+            if state and EXP_AVG_LAYER not in state and EXP_AVG_SQ in state:
+                self._fold_flat_state(state, layout, layout.tensor)
+                folded += 1
+        return folded
+
     @staticmethod
     def _fold_layer_values(per_element: Tensor, layout: FlatLayout, vdtype: torch.dtype) -> Tensor:
-        """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees."""
-        values, _ = compact_layer_values(per_element.detach().to(dtype=vdtype), layout.segments, layout.n_layers)
+        """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees.
+
+        A segment whose elements differ (not a NovoGrad moment: another optimizer's checkpoint) raises on every rank
+        of the group: the flag travels in the same all-reduce as the values, so no rank is left waiting.
+        """
+        per_element = per_element.detach().reshape(-1)
+        values, _ = compact_layer_values(per_element.to(dtype=vdtype), layout.segments, layout.n_layers)
+        bad = None
+        for o, n, k in zip(layout.segments.offsets, layout.segments.lengths, layout.segments.layers):
+            seg = per_element.narrow(0, o, n)
+            if not bool(((seg == seg[0]) | (seg.isnan() & seg[0].isnan())).all()):
+                bad = (o, n, k)
+                break
+        flag = torch.full((1,), 1.0 if bad else 0.0, dtype=vdtype, device=values.device)
         # v >= 0, so a MAX over the group fills in layers this rank holds no segment of (those are 0 here)
-        return reduce_layer_max(values, layout.reductions)
+        out = reduce_layer_max(torch.cat([values, flag]), layout.reductions)
+        if bool(out[-1] > 0):
+            where = (f"over layer {bad[2]} (elements {bad[0]}..{bad[0] + bad[1] - 1})" if bad
+                     else "on another rank of the group")
+            raise CheckpointError(
+                f"NovoGrad: {layout.label}: the loaded per-element exp_avg_sq is not constant {where}: it is not a "
+                "NovoGrad second moment (another optimizer's checkpoint?). Load without optimizer states "
+                "(load_optimizer_states=False) to start NovoGrad's state from scratch")
+        return out[:-1].clone()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 
 * ``engine._load_zero_checkpoint`` / ``engine._load_checkpoint``: a :class:`~novograd_ds.checkpoint.CheckpointError`
   from NovoGrad (a moment or ``step`` missing, a partitioning that changed) is re-raised with the path of the file
-  it came from. After a load, DeepSpeed's ``_hp_mapping`` views of a per-element ``exp_avg_sq`` (an expanded or
-  universal checkpoint) are dropped, so the expanded buffer is freed when NovoGrad folds it on its first step.
+  it came from. After a load, a per-element ``exp_avg_sq`` (an expanded or a universal checkpoint) is folded to
+  per-layer values at once (``NovoGrad.fold_expanded_state``, collective like the load) and DeepSpeed's
+  ``_hp_mapping`` views of it are dropped, so its 4 bytes per element are freed before training resumes.
 * the wrapper's universal loaders (``load_hp_checkpoint_state_from_checkpoint_dir[_stage3]``): before DeepSpeed
   reads ``<tag>/zero/<param>/``, every file NovoGrad needs is checked and a missing one is named (DeepSpeed's
   ZeRO-1/2 loader reads whatever files are there and would leave the rest at zero). After DeepSpeed's ZeRO-3
@@ -73,6 +74,10 @@ def _named_errors(engine: Any, original: Any, name: str):
             raise CheckpointError(f"{where}: {err}") from err
         if name == "_load_zero_checkpoint":
             _drop_expanded_views(engine.optimizer)
+            try:
+                engine.basic_optimizer.fold_expanded_state()  # frees a loaded per-element exp_avg_sq now
+            except CheckpointError as err:
+                raise CheckpointError(f"{_where(engine, name, load_dir, tag)}: {err}") from err
         return result
 
     return load
