@@ -329,6 +329,36 @@ def test_expand_fragment_equals_the_narrowed_expansion():
                 assert torch.equal(expand_fragment(values, index, start, length), full.narrow(0, start, length))
 
 
+
+def test_converter_stand_in_and_refusals(tmp_path):
+    """What novograd_ds.universal hands DeepSpeed's extractor in place of exp_avg_sq, on a shard of this version."""
+    from novograd_ds.integrations.universal import LayerExpansion, _attach_expansions, inspect_checkpoint
+
+    flats, layouts = make_flats()
+    opt = new_flat_opt(flats, layouts, amsgrad=False)
+    step_flats(opt, flats, range(1, 3))
+    shard = {"optimizer_state_dict": {"base_optimizer_state": roundtrip(opt.state_dict())}}
+    torch.save(shard, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert inspect_checkpoint(str(tmp_path)) == "compact"
+    _attach_expansions(shard)
+    for i, st in shard["optimizer_state_dict"]["base_optimizer_state"]["state"].items():
+        stand_in = st["exp_avg_sq"]
+        assert isinstance(stand_in, LayerExpansion) and stand_in.numel() == flats[i].numel()
+        full = expanded_form(opt.state_dict())["state"][i]["exp_avg_sq"]
+        for start, length in ((0, flats[i].numel()), (3, 7), (5, 1)):
+            assert torch.equal(stand_in.fragment(start, length), full.narrow(0, start, length))
+    assert inspect_checkpoint(str(tmp_path / "nowhere")) == "none"
+    torch.save({"optimizer_state_dict": {"base_optimizer_state": expanded_form(opt.state_dict())}},
+               tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert inspect_checkpoint(str(tmp_path)) == "expanded"  # passes through unchanged
+
+    amsgrad = new_flat_opt(flats, layouts, amsgrad=True)
+    step_flats(amsgrad, flats, range(1, 2))
+    torch.save({"optimizer_state_dict": {"base_optimizer_state": amsgrad.state_dict()}},
+               tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(SystemExit, match="amsgrad=True"):
+        inspect_checkpoint(str(tmp_path))
+
 # -- real DeepSpeed engines (CPU, gloo): rigid and universal resumes, the old fixture, sizes, zero_to_fp32 -------------
 GLOBAL = 24  # samples per optimizer step, the same at world sizes 4, 3 and 2
 RTOL = 1e-6
