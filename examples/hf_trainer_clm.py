@@ -10,6 +10,9 @@ arguments (betas <- [--adam_beta1, --adam_beta2], eps <- --adam_epsilon), so pas
 Trainer's defaults are Adam's 0.9/0.999. A config with explicit betas must match those arguments exactly, or
 the Trainer refuses it (docs/training.md).
 
+Checkpoints: ``--save_strategy steps --save_steps N`` writes OUTPUT_DIR/checkpoint-N (DeepSpeed's shards, in NovoGrad's
+compact form), ``--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`` continues from one.
+
 Model: a small randomly initialised GPT-2; data: the Shakespeare corpus and BPE of ``novograd_ds.train``
 (--data FILE ... for your own text). Rank 0 writes OUTPUT_DIR/hf_metrics.json.
 """
@@ -27,7 +30,8 @@ import novograd_ds  # registers "type": "NovoGrad" with DeepSpeed: the only Novo
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
 
-from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers import (GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
 
 from novograd_ds.lm import data as lmdata  # noqa: E402
 
@@ -42,6 +46,15 @@ class ScriptArgs:
     n_head: int = 4
     train_windows: int = 20000
     eval_windows: int = 64
+
+
+class StartStep(TrainerCallback):
+    """Records the step training starts from: 0, or the checkpoint's step with --resume_from_checkpoint."""
+
+    start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = state.global_step
 
 
 class Windows(torch.utils.data.Dataset):
@@ -80,8 +93,10 @@ def main():
                                        n_embd=script.n_embd, n_layer=script.n_layer, n_head=script.n_head,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=corpus.eot_id,
                                        eos_token_id=corpus.eot_id))
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds)
-    trainer.train()  # (no evaluate() before train(): the Trainer allows that only under ZeRO-3)
+    start = StartStep()
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[start])
+    # (no evaluate() before train(): the Trainer allows that only under ZeRO-3)
+    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     final = trainer.evaluate()["eval_loss"]
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     engine = trainer.model_wrapped
@@ -94,7 +109,7 @@ def main():
                    optimizer_wrapper=type(engine.optimizer).__name__,
                    betas=list(basic.param_groups[0]["betas"]), eps=basic.param_groups[0]["eps"],
                    weight_decay=basic.param_groups[0]["weight_decay"],
-                   world_size=targs.world_size, steps=trainer.state.global_step,
+                   world_size=targs.world_size, steps=trainer.state.global_step, start_step=start.start,
                    log_history=trainer.state.log_history)
         os.makedirs(targs.output_dir, exist_ok=True)
         with open(os.path.join(targs.output_dir, "hf_metrics.json"), "w") as f:

@@ -28,11 +28,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .checkpoint import COMPACT, COMPACT_FORMAT, CheckpointError, compact_entry, segment_index, segments_from_index
 from .kernels import KernelBackend, SegmentTable
 from .kernels.foreach import ForeachBackend
 from .kernels.reference import ReferenceBackend
-from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, expand_layer_values,
-                       group_spans, reduce_layer_max, reduce_layer_sums, resolve_param)
+from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, group_spans, reduce_layer_max,
+                       reduce_layer_sums, resolve_param)
 
 logger = logging.getLogger("novograd_ds")
 
@@ -40,7 +41,7 @@ __all__ = ["NovoGrad", "step_factors", "second_moment_"]
 
 # State keys. These names are what DeepSpeed's checkpoint tools understand (DEEPSPEED_NOTES §5.3).
 STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"
-# Bound flat tensors keep v compact, one entry per layer; state_dict() expands it to an Adam-shaped exp_avg_sq.
+# Bound flat tensors keep v compact, one entry per layer, in memory and on disk (NOTE: [the compact checkpoint form]).
 EXP_AVG_LAYER, MAX_EXP_AVG_LAYER = "exp_avg_sq_layer", "max_exp_avg_sq_layer"
 _LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
 
@@ -451,41 +452,105 @@ class NovoGrad(Optimizer):
         state = self.state[p]
         vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         if EXP_AVG_LAYER not in state:
-            per_element = state.pop(EXP_AVG_SQ, None)
-            per_element_max = state.pop(MAX_EXP_AVG_SQ, None)
-            if per_element is not None and per_element.numel() == p.numel():
-                # restored from a checkpoint written by state_dict() (or a universal checkpoint): fold back
-                state[EXP_AVG_LAYER] = self._fold_layer_values(per_element, layout, vdtype)
-                if per_element_max is not None and per_element_max.numel() == p.numel():
-                    state[MAX_EXP_AVG_LAYER] = self._fold_layer_values(per_element_max, layout, vdtype)
-            else:
+            if not any(k in state for k in (STEP, EXP_AVG, EXP_AVG_SQ)):
                 state[STEP] = 0
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state[EXP_AVG_LAYER] = torch.zeros(layout.n_layers, dtype=vdtype, device=p.device)
+            else:
+                self._fold_flat_state(state, layout, p)
             state[EXP_AVG_LAYER].swappable = False  # DeepSpeed's NVMe swapper must leave this small vector alone
         if group["amsgrad"] and MAX_EXP_AVG_LAYER not in state:
-            state[MAX_EXP_AVG_LAYER] = state[EXP_AVG_LAYER].clone() if state[STEP] else torch.zeros_like(
-                state[EXP_AVG_LAYER])
+            if state[STEP]:
+                logger.warning("NovoGrad: %s: amsgrad is on but the state has no running maximum of v (a checkpoint "
+                               "saved without amsgrad); it starts from the current v", layout.label)
+            state[MAX_EXP_AVG_LAYER] = state[EXP_AVG_LAYER].clone()
         if isinstance(state[STEP], Tensor):
             state[STEP] = int(state[STEP].cpu())
         return state
 
     @staticmethod
+    def _check_flat_state(state: Mapping[str, Any], where: str, numel: int, *, expanded: bool) -> None:
+        """Raise :class:`CheckpointError` naming what a flat's loaded state lacks (never start it afresh)."""
+        missing = [k for k in (STEP, EXP_AVG) if k not in state]
+        if expanded:
+            per_element = state.get(EXP_AVG_SQ)
+            if per_element is None:
+                missing.append(f"{EXP_AVG_SQ} (or the compact {COMPACT!r} entry)")
+            elif not isinstance(per_element, Tensor) or per_element.numel() != numel:
+                raise CheckpointError(
+                    f"NovoGrad: {where}: the loaded per-element {EXP_AVG_SQ} has "
+                    f"{getattr(per_element, 'numel', lambda: '?')()} elements, the flat partition {numel}: the "
+                    "checkpoint was written for another partitioning. Convert it with python -m "
+                    "novograd_ds.universal and load it with \"checkpoint\": {\"load_universal\": true}")
+        if missing:
+            raise CheckpointError(
+                f"NovoGrad: {where}: the loaded optimizer state has no {', '.join(missing)} (it has "
+                f"{sorted(state)}). Refusing to start this state afresh: load a complete checkpoint, or load without "
+                "optimizer states (load_optimizer_states=False) to start the optimizer from scratch")
+
+    def _fold_flat_state(self, state: dict[str, Any], layout: FlatLayout, p: Tensor) -> None:
+        """A flat loaded from the expanded form (written up to 997ee90, or put there by DeepSpeed's universal loader):
+        fold the per-element moments back to per-layer values, exactly (the elements are copies of their layer's v),
+        and drop them. Collective over the layout's groups (an all_reduce MAX)."""
+        self._check_flat_state(state, layout.label, p.numel(), expanded=True)
+        vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        per_element = state.pop(EXP_AVG_SQ)
+        per_element_max = state.pop(MAX_EXP_AVG_SQ, None)
+        state[EXP_AVG_LAYER] = self._fold_layer_values(per_element, layout, vdtype)
+        if per_element_max is not None and per_element_max.numel() == p.numel():
+            state[MAX_EXP_AVG_LAYER] = self._fold_layer_values(per_element_max, layout, vdtype)
+        state[EXP_AVG_LAYER].swappable = False
+
+    def fold_expanded_state(self) -> int:
+        """Fold every bound flat's loaded per-element second moment into per-layer values now; returns how many.
+
+        A checkpoint in the expanded form, or DeepSpeed's universal loader, leaves a per-element ``exp_avg_sq`` (4
+        bytes per element) in a flat's state; the first ``step()`` folds it anyway, but calling this right after the
+        load frees it before training resumes (the DeepSpeed adapter does, in ``engine.load_checkpoint``). Collective:
+        every rank of the flats' groups must call it, as they all call ``load_checkpoint``.
+        """
+        folded = 0
+        for layout in self._layouts.values():
+            state = self.state.get(layout.tensor)
+            if state and EXP_AVG_LAYER not in state and EXP_AVG_SQ in state:
+                self._fold_flat_state(state, layout, layout.tensor)
+                folded += 1
+        return folded
+
+    @staticmethod
     def _fold_layer_values(per_element: Tensor, layout: FlatLayout, vdtype: torch.dtype) -> Tensor:
-        """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees."""
-        values, _ = compact_layer_values(per_element.detach().to(dtype=vdtype), layout.segments, layout.n_layers)
+        """Per-layer values from a per-element (constant per layer) tensor; every rank of the group agrees.
+
+        A segment whose elements differ (not a NovoGrad moment: another optimizer's checkpoint) raises on every rank
+        of the group: the flag travels in the same all-reduce as the values, so no rank is left waiting.
+        """
+        per_element = per_element.detach().reshape(-1)
+        values, _ = compact_layer_values(per_element.to(dtype=vdtype), layout.segments, layout.n_layers)
+        bad = None
+        for o, n, k in zip(layout.segments.offsets, layout.segments.lengths, layout.segments.layers):
+            seg = per_element.narrow(0, o, n)
+            if not bool(((seg == seg[0]) | (seg.isnan() & seg[0].isnan())).all()):
+                bad = (o, n, k)
+                break
+        flag = torch.full((1,), 1.0 if bad else 0.0, dtype=vdtype, device=values.device)
         # v >= 0, so a MAX over the group fills in layers this rank holds no segment of (those are 0 here)
-        return reduce_layer_max(values, layout.reductions)
+        out = reduce_layer_max(torch.cat([values, flag]), layout.reductions)
+        if bool(out[-1] > 0):
+            where = (f"over layer {bad[2]} (elements {bad[0]}..{bad[0] + bad[1] - 1})" if bad
+                     else "on another rank of the group")
+            raise CheckpointError(
+                f"NovoGrad: {layout.label}: the loaded per-element exp_avg_sq is not constant {where}: it is not a "
+                "NovoGrad second moment (another optimizer's checkpoint?). Load without optimizer states "
+                "(load_optimizer_states=False) to start NovoGrad's state from scratch")
+        return out[:-1].clone()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The torch state dict; for each bound flat also an Adam-shaped per-element ``exp_avg_sq``.
+        """The torch state dict; a bound flat's entry is compact (NOTE: [the compact checkpoint form]).
 
-        DeepSpeed's checkpoint tools only know per-element ``exp_avg``/``exp_avg_sq`` with the flat's shape
-        (DEEPSPEED_NOTES §5.3; the universal converter also trims padding off EVERY tensor state). So each bound
-        flat's entry carries, instead of the compact per-layer ``exp_avg_sq_layer``, an ``exp_avg_sq`` in which
-        every element holds its layer's v (0 on padding). After a load, the first step folds it back to per-layer
-        values (exactly: the elements are copies) and drops it.
+        Its ``exp_avg`` is the live per-element tensor; its per-layer moments and a ``[3, S]`` segment index go in a
+        ``"novograd"`` dict. Nothing the size of the flat is allocated. Plain and FSDP2 parameters keep torch's form
+        (``exp_avg_sq`` is one 0-dim tensor per parameter).
         """
         sd = super().state_dict()
         index = 0
@@ -495,41 +560,94 @@ class NovoGrad(Optimizer):
                 st = sd["state"].get(index)
                 if layout is not None and layout.tensor is p and st is not None and EXP_AVG_LAYER in st:
                     st = dict(st)
-                    st[EXP_AVG_SQ] = expand_layer_values(st.pop(EXP_AVG_LAYER), layout.segments, p.numel())
+                    compact = {"format": COMPACT_FORMAT, "numel": p.numel(), "segments": segment_index(layout.segments),
+                               EXP_AVG_LAYER: st.pop(EXP_AVG_LAYER)}
                     if MAX_EXP_AVG_LAYER in st:
-                        st[MAX_EXP_AVG_SQ] = expand_layer_values(st.pop(MAX_EXP_AVG_LAYER), layout.segments,
-                                                                 p.numel())
+                        compact[MAX_EXP_AVG_LAYER] = st.pop(MAX_EXP_AVG_LAYER)
+                    st[COMPACT] = compact
                     sd["state"][index] = st
                 index += 1
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; the per-layer moments keep their fp32 (fp64) dtype whatever the params' dtype.
+        """Load a state dict: this version's compact form, the expanded form of earlier versions, or torch's.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
-        dtype, which would round ``v`` to bf16 for bf16 parameters. The per-layer entries are taken out
-        before that cast and put back afterwards, moved to the parameter's device only.
+        The per-layer moments keep their fp32 (fp64) dtype whatever the params' dtype (torch's loader would cast
+        them to the parameter's dtype, rounding v to bf16 for bf16 parameters): they are taken out before that cast
+        and put back afterwards, moved to the parameter's device only. A saved entry without ``step``, without a
+        first or second moment, or a bound flat without an entry while others have one raises
+        :class:`~novograd_ds.checkpoint.CheckpointError` naming it; nothing is silently started afresh.
         """
         state_dict = copy.copy(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(saved_ids, current))
+        where = {i: f"state entry {i} (param group {gi}, position {j})"
+                 for gi, g in enumerate(state_dict["param_groups"]) for j, i in enumerate(g["params"])}
         layer_state: dict[Any, dict[str, Tensor]] = {}
         new_state = {}
         for key, st in state_dict["state"].items():
             st = dict(st)
-            layer_state[key] = {k: st.pop(k) for k in _LAYER_STATE_KEYS if k in st and isinstance(st[k], Tensor)
-                                and st[k].dim() == 0}
+            p = id_to_param.get(key)
+            label = where.get(key, f"state entry {key}")
+            layout = self._layouts.get(id(p)) if p is not None else None
+            flat = layout is not None and layout.tensor is p
+            compact = compact_entry(st)
+            if compact is not None:
+                st.pop(COMPACT)
+                if not flat:
+                    raise CheckpointError(
+                        f"NovoGrad.load_state_dict: {label} holds the compact state of a flat partition, but this "
+                        "optimizer's parameter there is not a bound flat. Load DeepSpeed checkpoints through the "
+                        "engine (engine.load_checkpoint), which binds NovoGrad to its partitions first")
+                saved_layout = segments_from_index(compact["segments"])
+                if (compact["numel"] != p.numel() or saved_layout.offsets != layout.segments.offsets
+                        or saved_layout.lengths != layout.segments.lengths
+                        or saved_layout.layers != layout.segments.layers):
+                    raise CheckpointError(
+                        f"NovoGrad.load_state_dict: {label} ({layout.label}) was saved for a flat of "
+                        f"{compact['numel']} elements in {len(saved_layout)} segments; this one has {p.numel()} in "
+                        f"{len(layout.segments)}: the partitioning changed. Convert the checkpoint with python -m "
+                        "novograd_ds.universal and load it with \"checkpoint\": {\"load_universal\": true}")
+                self._check_flat_state(st, f"{label} ({layout.label})", p.numel(), expanded=False)
+                layer_state[key] = {k: compact[k] for k in (EXP_AVG_LAYER, MAX_EXP_AVG_LAYER) if k in compact}
+            elif flat:
+                self._check_flat_state(st, f"{label} ({layout.label})", p.numel(), expanded=True)
+            elif p is not None:
+                self._check_param_state(st, label)
+                layer_state[key] = {k: st.pop(k) for k in _LAYER_STATE_KEYS if k in st and isinstance(st[k], Tensor)
+                                    and st[k].dim() == 0}
             new_state[key] = st
+        if new_state:
+            for key, p in id_to_param.items():
+                layout = self._layouts.get(id(p))
+                if layout is not None and layout.tensor is p and key not in new_state:
+                    raise CheckpointError(
+                        f"NovoGrad.load_state_dict: {where[key]} ({layout.label}) has no saved state while other "
+                        "flats do: its moments are missing from the checkpoint")
         state_dict["state"] = new_state
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        id_to_param = dict(zip(saved_ids, current))
         for key, entries in layer_state.items():
-            p = id_to_param.get(key)
-            if p is None:
-                continue
+            p = id_to_param[key]
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             for k, t in entries.items():
                 self.state[p][k] = t.detach().to(device=p.device, dtype=vdtype).clone()
+                if k == EXP_AVG_LAYER:
+                    self.state[p][k].swappable = False
+
+    @staticmethod
+    def _check_param_state(st: Mapping[str, Any], label: str) -> None:
+        """A plain (or FSDP2) parameter's saved state: step, exp_avg and one second moment per tensor."""
+        missing = [k for k in (STEP, EXP_AVG, EXP_AVG_SQ) if k not in st]
+        if missing:
+            raise CheckpointError(f"NovoGrad.load_state_dict: {label} has no {', '.join(missing)} (it has "
+                                  f"{sorted(st)}); refusing to start it afresh")
+        v = st[EXP_AVG_SQ]
+        if isinstance(v, Tensor) and v.dim() != 0:
+            raise CheckpointError(
+                f"NovoGrad.load_state_dict: {label} has a per-element exp_avg_sq of shape {tuple(v.shape)}; NovoGrad "
+                "keeps one second moment per parameter tensor (a 0-dim tensor). Is this another optimizer's "
+                "checkpoint (Adam)?")
 
 
 # -- one piece of a step's work: its local partial sums, their reductions, and what to do with the sums ----------------

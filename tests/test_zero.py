@@ -469,7 +469,7 @@ def test_checkpoint_rigid_and_universal(tmp_path):
         for n, t in saved[0][name]["uninterrupted"].items():
             assert torch.equal(saved[0][name]["rigid"][n], t), f"{name}: rigid resume differs on {n}"
         src, dst = tmp_path / name / "s3", tmp_path / name / "s3_uni"
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+        proc = subprocess.run([sys.executable, "-m", "novograd_ds.universal", "--input_folder", str(src),
                                "--output_folder", str(dst), "--num_extract_workers", "1", "--num_merge_workers", "1",
                                "--inject_missing_state"],
                               capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})

@@ -202,10 +202,12 @@ def bind(engine: Any) -> Optional[NovoGrad]:
     """
     from .megatron import configure_from_engine
     from .zero import layouts_for_engine
+    from .zero_checkpoint import attach as attach_checkpoint_hooks
 
     basic = getattr(engine, "basic_optimizer", None)
     if not isinstance(basic, NovoGrad):
         return None
     basic.bind_layouts(layouts_for_engine(engine, basic))
     configure_from_engine(basic, engine)  # the TP group from engine.mpu (or an explicit one), see megatron.py
+    attach_checkpoint_hooks(engine, basic)  # load errors name the file; universal loads (zero_checkpoint.py)
     return basic
