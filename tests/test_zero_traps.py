@@ -41,13 +41,26 @@ def ds_version() -> tuple[int, int, int]:
 
 
 # -- DeepSpeed's own bugs, per release (each reproduced with torch.optim.SGD on these CPU/gloo runs) ------------------
-def ds_bug(zero: dict, gas: int, version=None) -> tuple[str, str] | None:
-    """``(what the test does instead, why)`` when this DeepSpeed release gets ``zero`` wrong for every optimizer."""
+def ds_bug(zero: dict, extra: dict, gas: int, version=None) -> tuple[str, str] | None:
+    """``(what the test does instead, why)`` when this DeepSpeed release gets the configuration wrong for every
+    optimizer: each entry was reproduced with ``torch.optim.SGD`` on these CPU/gloo runs, against the same release's
+    ZeRO-1 (or, for bf16, ZeRO-3 bf16) run. ``gas=1``: run without gradient accumulation; ``skip``: do not run."""
     v = version or ds_version()
     stage = zero.get("stage", 0)
+    bf16 = bool(extra.get("bf16", {}).get("enabled"))
+    fp32_accum = extra.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    if v < (0, 19, 8) and stage == 2 and zero.get("contiguous_gradients") is False:
+        return ("skip", "DeepSpeed before 0.19.8 (seen in 0.16.9, 0.17.6, 0.18.9, 0.19.2) gives ZeRO-2 with "
+                        "contiguous_gradients=false wrong gradients (torch SGD 0.05 off, also without accumulation)")
+    if v[:2] == (0, 17) and stage == 0 and bf16 and not fp32_accum:
+        return ("skip", "DeepSpeed 0.17 (seen in 0.17.6) steps bf16 without ZeRO (FP16_UnfusedOptimizer) on wrong "
+                        "gradients (torch SGD 0.07 off, also without accumulation)")
+    if v[:2] == (0, 18) and stage == 1 and bf16 and fp32_accum:
+        return ("skip", "DeepSpeed 0.18 (seen in 0.18.9) BF16_Optimizer steps on wrong gradients (torch SGD 0.04 "
+                        "off, also without accumulation)")
     if (0, 17, 6) <= v < (0, 18, 3) and stage == 2 and gas > 1:
         return ("gas=1", "DeepSpeed 0.17.6-0.18.2 ZeRO-2 loses gradients under gradient accumulation (DeepSpeed "
-                         "issue #7718, fixed in 0.18.3): torch SGD is 0.12 off too")
+                         "issue #7718, fixed in 0.18.3; torch SGD 0.12 off)")
     return None
 
 
@@ -89,7 +102,10 @@ def ds_initialize(model, config, **kwargs):
     building the engine under ``torch.no_grad()`` gives the same buffer on 0.18.
     """
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    ctx = torch.no_grad() if (0, 18) <= ds_version()[:2] < (0, 19) and stage in (1, 2) else contextlib.nullcontext()
+    bf16_optimizer = stage == 1 and config.get("bf16", {}).get("enabled") and \
+        config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    ctx = torch.no_grad() if (0, 18) <= ds_version()[:2] < (0, 19) and stage in (1, 2) and not bf16_optimizer \
+        else contextlib.nullcontext()
     with ctx:
         return deepspeed.initialize(model=model, config=config, **kwargs)
 
@@ -226,9 +242,10 @@ FP32_ACCUM = {"data_types": {"grad_accum_dtype": "fp32"}}
 CASES = {
     # name: (zero_optimization, top-level additions, options)
     "z1": (dict(stage=1), {}, {}),
-    "z2_reduce_scatter": (dict(stage=2, reduce_scatter=True, overlap_comm=False, contiguous_gradients=False), {}, {}),
+    "z2_reduce_scatter": (dict(stage=2, reduce_scatter=True, overlap_comm=False, contiguous_gradients=True), {}, {}),
     "z2_no_reduce_scatter": (dict(stage=2, reduce_scatter=False), {}, {}),
     "z2_overlap_contiguous": (dict(stage=2, overlap_comm=True, contiguous_gradients=True), {}, {}),
+    "z2_not_contiguous": (dict(stage=2, reduce_scatter=True, overlap_comm=False, contiguous_gradients=False), {}, {}),
     "z2_round_robin": (dict(stage=2, round_robin_gradients=True), {}, {}),
     "z2_offload_pinned": (dict(stage=2, offload_optimizer={"device": "cpu", "pin_memory": True}), {}, {}),
     "z3": (dict(stage=3, sub_group_size=100), {}, {}),
@@ -246,12 +263,12 @@ CASES = {
 BF16_RTOL = 5e-2
 
 
-def plan(zeros, gas):
-    """[(name, gas to run, note)] for ``{name: zero_optimization}`` under this DeepSpeed release; skipped cases carry
-    gas None and are printed with the reason."""
+def plan(cases, gas):
+    """[(name, gas to run, note)] for ``{name: (zero_optimization, top-level additions)}`` under this DeepSpeed
+    release; cases it cannot run are printed with the reason and left out."""
     out = []
-    for name, zero in zeros.items():
-        bug = ds_bug(zero, gas)
+    for name, (zero, extra) in cases.items():
+        bug = ds_bug(zero, extra, gas)
         if bug is None:
             out.append((name, gas, ""))
         elif bug[0] == "gas=1":
@@ -280,7 +297,7 @@ def traps_worker(rank, world_size, runs):
 @pytest.mark.slow
 @pytest.mark.deepspeed_matrix
 def test_traps_equal_one_process():
-    runs = plan({name: case[0] for name, case in CASES.items()}, GAS)
+    runs = plan({name: case[:2] for name, case in CASES.items()}, GAS)
     results = run_ranks(traps_worker, 2, runs)
     refs = {}
     failures = []
@@ -306,7 +323,7 @@ def test_traps_equal_one_process():
         else:
             assert r0["plain_steps"] and all(s == STEPS for s in r0["plain_steps"].values()), (name, r0["plain_steps"])
         # a sharded flat: some layer has elements on both ranks (crosses the partition boundary)
-        if zero.get("stage", 0) >= 1 and r0["bound"]:
+        if zero.get("stage", 0) >= 1 and r0["bound"] and r0["wrapper"] != "FP16_UnfusedOptimizer":
             crossing = [n for n in r0["held"] if 0 < r0["held"][n] < r0["numel"][n] and r1["held"].get(n, 0) > 0]
             assert crossing, f"{name}: no layer crosses a partition boundary: {r0['held']} / {r1['held']}"
         if opts.get("zero_init"):
@@ -343,8 +360,9 @@ def nograd_worker(rank, world_size, runs):
 
 def nograd_errors(names, schedule):
     """Run ``names`` under ``schedule`` at world size 2; ``{name: (worst rel err, worst layer, note)}``."""
-    runs = [(name, gas, schedule) for name, gas, _ in plan({n: NOGRAD_CASES[n] for n in names}, GAS)]
-    notes = {name: note for name, _, note in plan({n: NOGRAD_CASES[n] for n in names}, GAS)}
+    planned = plan({n: (NOGRAD_CASES[n], {}) for n in names}, GAS)
+    runs = [(name, gas, schedule) for name, gas, _ in planned]
+    notes = {name: note for name, _, note in planned}
     results = run_ranks(nograd_worker, 2, runs)
     refs, out = {}, {}
     for name, gas, _ in runs:
@@ -386,3 +404,77 @@ def test_layer_dropping_out_midway_under_offload_and_zero3():
     errs = nograd_errors(list(STALE_GRADIENT_BUG), "gap")
     bad = {n: e for n, e in errs.items() if not e[0] < RTOL}
     assert not bad, bad
+
+
+# -- what cannot be made correct is refused at start-up, naming the config key; the name in any letter case ----------
+def refusal_worker(rank, world_size):
+    import warnings
+
+    import novograd_ds
+    from novograd_ds.integrations.deepspeed import UnsupportedDeepSpeedConfig, UnsupportedDeepSpeedVersion
+
+    ds_cpu_workarounds()
+    out = {"names": {}, "refused": {}}
+    for name in ("novograd", "NOVOGRAD", "NovoGrad"):
+        cfg = ds_config(world_size, 1, dict(stage=2))
+        cfg["optimizer"]["type"] = name
+        r = run_engine(rank, world_size, cfg, steps=1, gas=1)
+        out["names"][name] = (r["wrapper"], r["bound"], r["flat_steps"])
+
+    def refused(cfg):
+        model = make_model()
+        try:
+            ds_initialize(model, cfg, model_parameters=param_groups(model))
+        except (UnsupportedDeepSpeedConfig, UnsupportedDeepSpeedVersion) as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    out["refused"]["elastic_checkpoint"] = refused(ds_config(world_size, 1, dict(stage=2, elastic_checkpoint=True)))
+    # outside the tested range: the config path and a client instance are refused at initialize, naming the fix
+    real = deepspeed.__version__
+    deepspeed.__version__ = "0.99.0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["outside_registered"] = novograd_ds.register()
+    out["refused"]["version (config)"] = refused(ds_config(world_size, 1, dict(stage=2)))
+    model = make_model()
+    client = novograd_ds.NovoGrad(param_groups(model), **LR_PARAMS)
+    cfg = {k: v for k, v in ds_config(world_size, 1, dict(stage=2)).items() if k != "optimizer"}
+    cfg["zero_allow_untested_optimizer"] = True
+    try:
+        ds_initialize(model, cfg, optimizer=client)
+        out["refused"]["version (client)"] = None
+    except UnsupportedDeepSpeedVersion as err:
+        out["refused"]["version (client)"] = f"{type(err).__name__}: {err}"
+    deepspeed.__version__ = real
+    out["registered_again"] = novograd_ds.register()
+    # torch_autocast (DeepSpeed 0.17 on): last, since DeepSpeed keeps its autocast settings in module globals
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    out["has_torch_autocast"] = hasattr(DeepSpeedEngine, "torch_autocast_enabled")
+    if out["has_torch_autocast"]:
+        out["refused"]["torch_autocast"] = refused(ds_config(world_size, 1, dict(stage=2), {
+            "torch_autocast": {"enabled": True, "dtype": "fp16"}}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed_matrix
+def test_refusals_and_name_any_case():
+    r = run_ranks(refusal_worker, 2)[0]
+    for name, (wrapper, bound, steps) in r["names"].items():
+        print(f'"type": "{name}" ->', wrapper, "bound flats", bound, "steps", steps)
+        assert wrapper == "DeepSpeedZeroOptimizer" and bound > 0 and steps and all(s == 1 for s in steps), name
+    for key, msg in r["refused"].items():
+        print(key, "->", msg)
+        assert msg is not None, f"{key}: not refused"
+    assert "zero_optimization.elastic_checkpoint=true" in r["refused"]["elastic_checkpoint"]
+    assert "UnsupportedDeepSpeedConfig" in r["refused"]["elastic_checkpoint"]
+    for key in ("version (config)", "version (client)"):
+        msg = r["refused"][key]
+        assert "UnsupportedDeepSpeedVersion" in msg and "DeepSpeed 0.99.0 is outside the range" in msg, msg
+        assert 'pip install "deepspeed>=0.16,<0.20"' in msg and "NOVOGRAD_DS_ALLOW_UNVERIFIED_DEEPSPEED=1" in msg, msg
+    assert r["outside_registered"] is False and r["registered_again"] is True
+    if r["has_torch_autocast"]:
+        msg = r["refused"]["torch_autocast"]
+        assert "UnsupportedDeepSpeedConfig" in msg and "torch_autocast" in msg and "fp16" in msg, msg
