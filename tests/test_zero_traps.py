@@ -99,7 +99,8 @@ def ds_initialize(model, config, **kwargs):
     DeepSpeed 0.18 builds ZeRO-1/2's flat bit16 buffer from the parameters without detaching it when it flattens on
     the accelerator (always, on CPU), so the buffer requires grad, and the all-gather into it after each step fails on
     gloo ("Output 0 of Split is a view and is being modified inplace"), for every optimizer. 0.19.0 detaches it;
-    building the engine under ``torch.no_grad()`` gives the same buffer on 0.18.
+    building the engine under ``torch.no_grad()`` gives the same buffer on 0.18. (BF16_Optimizer, which ZeRO-1 with
+    bf16 and fp32 gradient accumulation gets, has no such buffer and is built as usual.)
     """
     stage = config.get("zero_optimization", {}).get("stage", 0)
     bf16_optimizer = stage == 1 and config.get("bf16", {}).get("enabled") and \
