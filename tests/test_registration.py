@@ -70,6 +70,7 @@ PARSE = ("import novograd_ds\nfrom deepspeed.runtime.config import DeepSpeedConf
          "        print((n, type(e).__name__, str(e)))\n") % (NAMES + ("Adam",),)
 
 
+@pytest.mark.slow
 def test_type_name_any_letter_case():
     lines = run(PARSE)
     assert lines == [str((n, "NovoGrad")) for n in NAMES] + [str(("Adam", "adam"))]
@@ -78,6 +79,7 @@ def test_type_name_any_letter_case():
     assert off[-1] == "('novograd',)"  # unregister() undoes the normalisation too
 
 
+@pytest.mark.slow
 def test_outside_the_tested_range_initialize_refuses_naming_the_fix():
     code = "import deepspeed\ndeepspeed.__version__ = '0.99.0'\nimport warnings\nwarnings.simplefilter('ignore')\n" + PARSE
     lines = run(code)
