@@ -1,4 +1,4 @@
-"""DeepSpeed adapters: the ONLY module that reads DeepSpeed wrapper internals (verified on DeepSpeed 0.19.x).
+"""DeepSpeed adapters: the ONLY module that reads DeepSpeed wrapper internals (tested on DeepSpeed 0.16 to 0.19).
 
 For each wrapper DeepSpeed may put around the basic optimizer, :func:`layouts_for_engine` returns one
 :class:`~novograd_ds.sharding.FlatLayout` per tensor the wrapper will hand to ``NovoGrad.step()``, keyed
@@ -12,6 +12,12 @@ by ``id(tensor)``. See docs/zero.md for what each wrapper hands over.
 * ``BF16_Optimizer``: flat = ``fp32_groups_flat_partition[i]``, tensors packed back to back.
 * ``FP16_UnfusedOptimizer``: per-tensor fp32 clones; whole layers, gradients already all-reduced: no reduction.
 * no wrapper: the model's own tensors; nothing to bind.
+
+NOTE: [DeepSpeed versions] Where DeepSpeed releases differ in what a wrapper exposes, the difference is handled in
+one small function below ("what versions differ" section), named for what it derives and saying which versions need
+it. Everything else in this module reads attributes that every supported release (0.16.0 to 0.19.x) has. Checked
+against the released sources of 0.16.9, 0.17.6, 0.18.9, 0.19.2 and 0.19.8 (tests/test_zero_traps.py and the
+per-version CI step run them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,44 @@ __all__ = ["layouts_for_engine", "layouts_for_wrapper"]
 _DP = "data parallel"
 
 
+# -- what versions differ (NOTE: [DeepSpeed versions]) ------------------------------------------------------------------
+def zero12_flat_offsets(zo: Any, i: int) -> list[int]:
+    """Where each tensor of ``round_robin_bit16_groups[i]`` starts in ZeRO-1/2's flat buffer of group ``i``.
+
+    DeepSpeed >= 0.19.7 records it (``round_robin_bit16_offsets``; per-parameter padding with
+    ``parameter_alignment``). 0.16.0-0.19.6 have neither: the tensors lie back to back in round-robin order
+    (``flatten_dense_tensors_aligned`` pads only the end of the group), so the offsets are the running sum of
+    ``round_robin_bit16_meta`` (meta tensors with the shapes, in the same order).
+    """
+    offsets = getattr(zo, "round_robin_bit16_offsets", None)
+    if offsets is not None:
+        return [int(o) for o in offsets[i]]
+    out, acc = [], 0
+    for meta in zo.round_robin_bit16_meta[i]:
+        out.append(acc)
+        acc += meta.numel()
+    return out
+
+
+def zero12_partition_size(zo: Any, i: int) -> int:
+    """Elements per rank in ZeRO-1/2 group ``i``: ``partition_size[i]``, a float (``len(flat) / dp``) before
+    0.19.7 and an int since; the flat is padded to a multiple of ``2 * dp``, so it is always whole."""
+    return int(zo.partition_size[i])
+
+
+def zero3_sub_group_process_group(z3: Any, sg: int) -> Any:
+    """The group a ZeRO-3 sub-group's tensors are partitioned over.
+
+    DeepSpeed >= 0.19.3 keeps one per sub-group (``_get_sub_group_process_group``; it may differ from the data
+    parallel group for AutoTP/AutoEP placement). 0.16.0-0.19.2 partition every tensor over ``dp_process_group``
+    (the stage-3 optimizer reduces, partitions and all-gathers over that one group).
+    """
+    getter = getattr(z3, "_get_sub_group_process_group", None)
+    if getter is not None:
+        return getter(sg)
+    return z3.dp_process_group
+
+
 def _zero12(zo: Any) -> dict[int, FlatLayout]:
     import deepspeed.comm as dist
 
@@ -35,11 +79,11 @@ def _zero12(zo: Any) -> dict[int, FlatLayout]:
         rank = dist.get_rank(group=pg)
         params = zo.round_robin_bit16_groups[i]
         segments = zero12_segments(
-            zo.round_robin_bit16_offsets[i],
+            zero12_flat_offsets(zo, i),
             [m.numel() for m in zo.round_robin_bit16_meta[i]],
             [p.param_idx_in_group for p in params],
             rank=rank,
-            partition_size=zo.partition_size[i],
+            partition_size=zero12_partition_size(zo, i),
         )
         out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), (LayerReduction(pg, None, _DP),),
                                    label=f"zero12 group {i}", tensor=flat, layer_params=list(zo.bit16_groups[i]))
@@ -51,7 +95,7 @@ def _zero3(z3: Any) -> dict[int, FlatLayout]:
 
     out = {}
     for sg, flat in enumerate(z3.fp32_partitioned_groups_flat):
-        pg = z3._get_sub_group_process_group(sg)
+        pg = zero3_sub_group_process_group(z3, sg)
         params = z3.fp16_groups[sg]
         segments = zero3_segments([p.partition_numel() for p in params], [p.ds_numel for p in params],
                                   rank=dist.get_rank(group=pg))
