@@ -182,6 +182,8 @@ class NovoGrad(Optimizer):
         self._flat_reductions: dict[int, tuple[FlatLayout, tuple]] = {}
         self._param_reductions: dict[int, tuple] = {}
         self._param_shards: dict[int, Optional[ParamShard]] = {}
+        # True where an engine stands in zeros for a missing gradient (skip_zero_gradients; NOTE: [no gradient, no step])
+        self._zero_grad_is_missing = False
         # Test/diagnostic switch: step unknown tensors as if each were one layer (the per-shard mistake).
         self._naive_per_tensor = False
 
@@ -208,6 +210,7 @@ class NovoGrad(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         for name in ("_extra_reductions", "_flat_reductions", "_param_reductions", "_param_shards"):
             self.__dict__.setdefault(name, {})
+        self.__dict__.setdefault("_zero_grad_is_missing", False)
         self.__dict__.setdefault("_naive_per_tensor", False)
 
     # -- backend choice ----------------------------------------------------------------------------
@@ -264,6 +267,15 @@ class NovoGrad(Optimizer):
             self._extra_reductions[name] = (group, select or (lambda p: True))
         self._flat_reductions = {}
         self._param_reductions = {}
+
+    def skip_zero_gradients(self, enabled: bool = True) -> None:
+        """Treat a layer whose whole gradient is exactly zero as one without a gradient: it takes no step.
+
+        For engines that hand over zeros where a parameter got no gradient (DeepSpeed does, at every stage; its
+        adapter turns this on when it binds). Bound flat tensors always behave this way; this extends it to the plain
+        parameters, at the cost of one small device-to-host read per bucket and step (NOTE: [no gradient, no step]).
+        """
+        self._zero_grad_is_missing = bool(enabled)
 
     def layer_reductions(self, tensor: Tensor) -> tuple[LayerReduction, ...]:
         """The reductions applied to ``tensor``'s partial sums: a bound flat's (per layer) or a parameter's."""
@@ -420,7 +432,7 @@ class NovoGrad(Optimizer):
         for (device, _, _, first, sharded), entries in buckets.items():
             kernels = self._kernels(group, device)
             self.backend = kernels.name
-            if not first and not sharded and self._layer_step(group, kernels, entries):
+            if not first and not sharded and not self._zero_grad_is_missing and self._layer_step(group, kernels, entries):
                 continue  # the fused CPU op did norm, v and update one layer at a time (same numbers)
             work.append(_PlainWork(self, group, kernels, entries, first))
         return work
@@ -687,10 +699,11 @@ class _PlainWork(_Work):
     def finish(self, n: Tensor) -> None:
         opt, group = self.opt, self.group
         keep = list(range(len(self.params)))
-        if self.first:
+        if self.first or opt._zero_grad_is_missing:
             # NOTE: [no gradient, no step] A layer's first step needs a gradient: an exactly-zero one (torch's DCP
             # initialises optimizer state with a zero-gradient step at lr=0) allocates state but counts no step, so
-            # the real first gradient later gets k = 1. One small host read, on a tensor's first step only.
+            # the real first gradient later gets k = 1. One small host read, on a tensor's first step only, or on
+            # every step where an engine stands in zeros for missing gradients (skip_zero_gradients: DeepSpeed).
             nonzero = (n != 0).cpu().tolist()
             keep = [i for i in keep if nonzero[i]]
             if not keep:

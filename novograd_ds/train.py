@@ -164,7 +164,8 @@ def _known_optimizer(name: str) -> bool:
     import torch
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    return name.lower() in DEEPSPEED_OPTIMIZERS or getattr(torch.optim, name, None) is not None
+    return (name.lower() in DEEPSPEED_OPTIMIZERS or name.lower() == "novograd"  # any letter case (registration)
+            or getattr(torch.optim, name, None) is not None)
 
 
 def resolve_ds_config(cfg: dict[str, Any], args: argparse.Namespace, world_size: int,
@@ -188,7 +189,7 @@ def resolve_ds_config(cfg: dict[str, Any], args: argparse.Namespace, world_size:
     if not isinstance(name, str) or not _known_optimizer(name):
         raise ConfigError(
             f"{source}: optimizer.type {name!r} is not an optimizer DeepSpeed knows; use \"NovoGrad\" "
-            "(case-sensitive, registered by `import novograd_ds`) or a DeepSpeed built-in such as \"AdamW\""
+            "(any letter case, registered by `import novograd_ds`) or a DeepSpeed built-in such as \"AdamW\""
         )
     params = opt.setdefault("params", {})
     for key, cli, default in (("lr", args.lr, d["lr"]), ("betas", args.betas, list(d["betas"])),

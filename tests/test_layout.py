@@ -109,3 +109,21 @@ def test_flat_layout_rejects_segments_outside_the_flat():
         FlatLayout(SegmentTable([8], [4], [0]), n_layers=1, numel=10)
     with pytest.raises(ValueError, match="with 1 layers"):
         FlatLayout(SegmentTable([0], [4], [1]), n_layers=1, numel=10)
+
+
+def test_whole_tensor_layout_of_a_matrix_steps_through_the_default_segment_forms():
+    """FP16_UnfusedOptimizer binds each 2-D fp32 clone as one segment of its numel: the views must be 1-D."""
+    from novograd_ds.kernels.reference import ReferenceBackend
+    from novograd_ds.sharding import whole_tensor_layout
+
+    gen = torch.Generator().manual_seed(0)
+    w, g = torch.randn(11, 13, generator=gen), torch.randn(11, 13, generator=gen)
+    m = torch.zeros_like(w)
+    lay = whole_tensor_layout(w)
+    for backend in (ForeachBackend(), ReferenceBackend()):
+        n = backend.sq_norms_segments(g, lay.segments, 1)
+        torch.testing.assert_close(n, g.square().sum().reshape(1), rtol=1e-6, atol=0)
+    w0 = w.clone()
+    ForeachBackend().update_segments_(w, g, m, lay.segments, n.sqrt(), lr=0.1, beta1=0.0, grad_scale=1.0,
+                                      weight_decay=0.0, decoupled=False)
+    torch.testing.assert_close(w, w0 - 0.1 * g / n.sqrt(), rtol=1e-6, atol=1e-7)

@@ -106,6 +106,8 @@ def test_unknown_optimizer_type_is_one_clear_error():
 
     with pytest.raises(ConfigError, match=r"optimizer.type 'Novograd2' .* use \"NovoGrad\""):
         resolve_ds_config({"optimizer": {"type": "Novograd2"}}, _args(), 1)
+    for name in ("novograd", "NOVOGRAD", "NovoGrad"):  # any letter case, as DeepSpeed takes "adam" and "Adam"
+        assert resolve_ds_config({"optimizer": {"type": name}}, _args(), 1)[0]["optimizer"]["type"] == name
 
 
 def test_command_line_wins_and_auto_is_filled():

@@ -316,6 +316,8 @@ def bind(engine: Any) -> Optional[NovoGrad]:
     basic = getattr(engine, "basic_optimizer", None)
     if not isinstance(basic, NovoGrad):
         return None
+    # DeepSpeed hands zeros for a parameter without a gradient, also to the plain path (stage 0 fp32, no wrapper)
+    basic.skip_zero_gradients(True)
     basic.bind_layouts(layouts_for_engine(engine, basic))
     configure_from_engine(basic, engine)  # the TP group from engine.mpu (or an explicit one), see megatron.py
     attach_checkpoint_hooks(engine, basic)  # load errors name the file; universal loads (zero_checkpoint.py)

@@ -110,6 +110,12 @@ class SegmentTable:
         return f"SegmentTable[(offset, length, layer): {rows}]"
 
     def views(self, flat: Tensor) -> list[Tensor]:
+        """The segments as 1-D views of ``flat`` (offsets count elements: a whole-tensor layout of a 2-D tensor has
+        one segment of its numel). ``flat`` must be contiguous, so the views alias it and writes go through."""
+        if flat.dim() != 1:
+            if not flat.is_contiguous():
+                raise ValueError("SegmentTable.views: the tensor must be contiguous (its segments are views of it)")
+            flat = flat.view(-1)
         return [flat.narrow(0, o, n) for o, n in zip(self.offsets, self.lengths)]
 
     def layer_index(self, device) -> Tensor:
