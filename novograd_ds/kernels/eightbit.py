@@ -276,7 +276,8 @@ def dequant_step(absmax: Tensor, qmap: str) -> Tensor:
 
 def quant_inv(absmax: Tensor, qmap: str) -> Tensor:
     """Per block: the factor that scales a value into the code domain (0 for an all-zero block), in fp32."""
-    num = float(QMAX if qmap == "linear" else _QSQ)
+    num = torch.full_like(absmax, float(QMAX if qmap == "linear" else _QSQ))
+    # tensor / tensor: one correctly rounded division (``scalar / tensor`` is reciprocal-then-multiply in torch)
     return torch.where(absmax > 0, num / absmax, torch.zeros_like(absmax))
 
 

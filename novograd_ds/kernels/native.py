@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import KernelBackend, SegmentTable
+from . import eightbit as eb
 from .foreach import ForeachBackend
 
 logger = logging.getLogger("novograd_ds")
@@ -170,6 +171,91 @@ class FusedBackend(KernelBackend):
             float(scalars["beta1"]), float(scalars["grad_scale"]), float(scalars["weight_decay"]),
             bool(scalars["decoupled"]),
         )
+
+
+    # -- 8-bit state (NOTE: [8-bit moment] in eightbit.py) ---------------------------------------------------
+    def _q8_native(self, name: str, grads, states, codes) -> Optional[Any]:
+        """The op's entry point ``name`` when it can take these tensors, else None (the foreach path)."""
+        fn = getattr(self.module, name, None)
+        if fn is None:
+            if self.strict:
+                raise NativeOpUnavailable(f"NovoGrad(fused=True): this build of the fused op has no {name}; rebuild it "
+                                          f"({_SEE_ENV})")
+            return None
+        if self._unsupported(grads, states) is not None:
+            return None
+        if any(c.dtype != eb.CODE_DTYPE or not c.is_contiguous() or c.device.type != self.device_type for c in codes):
+            return None
+        return fn
+
+    @staticmethod
+    def _q8_runs_tensor(runs: "eb.Q8Runs", numels) -> Tensor:
+        key = tuple(numels)
+        cached = getattr(runs, "_novograd_native_table", None)
+        if cached is None or cached[0] != key:
+            cached = (key, runs.as_tensor(numels))
+            runs._novograd_native_table = cached
+        return cached[1]
+
+    @staticmethod
+    def _q8_table(table: "eb.Q8SegmentTable") -> Tensor:
+        t = getattr(table, "_novograd_native_table", None)
+        if t is None:
+            t = table._novograd_native_table = table.as_tensor()
+        return t
+
+    def q8_boundary_absmax(self, params, grads, codes, scales, denoms, runs, *, beta1, grad_scale, weight_decay,
+                           decoupled, q8):
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        fn = self._q8_native("q8_boundary_absmax", grads, params + scales, codes) if params else None
+        if fn is None:
+            return self._fallback.q8_boundary_absmax(params, grads, codes, scales, denoms, runs, beta1=beta1,
+                                                     grad_scale=grad_scale, weight_decay=weight_decay,
+                                                     decoupled=decoupled, q8=q8)
+        d = denoms.to(device=params[0].device, dtype=torch.float32).contiguous()
+        return fn(params, grads, codes, scales, d, self._q8_runs_tensor(runs, [g.numel() for g in grads]),
+                  float(beta1), float(grad_scale), float(weight_decay), bool(decoupled), q8.map_id)
+
+    def q8_update_(self, params, grads, codes, scales, denoms, runs, boundary=None, *, lr, beta1, grad_scale,
+                   weight_decay, decoupled, q8, step):
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        if not params:
+            return
+        fn = self._q8_native("q8_update", grads, params + scales, codes)
+        if fn is None:
+            return self._fallback.q8_update_(params, grads, codes, scales, denoms, runs, boundary, lr=lr, beta1=beta1,
+                                             grad_scale=grad_scale, weight_decay=weight_decay, decoupled=decoupled,
+                                             q8=q8, step=step)
+        d = denoms.to(device=params[0].device, dtype=torch.float32).contiguous()
+        fn(params, grads, codes, scales, d, self._q8_runs_tensor(runs, [g.numel() for g in grads]), boundary, float(lr),
+           float(beta1), float(grad_scale), float(weight_decay), bool(decoupled), q8.map_id, q8.rounding_id,
+           int(q8.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF)
+
+    def q8_boundary_absmax_segments(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                                    **scalars):
+        fn = self._q8_native("q8_boundary_absmax_segments", [flat_grad], [flat_param, flat_scales], [flat_codes])
+        if fn is None:
+            return super().q8_boundary_absmax_segments(flat_param, flat_grad, flat_codes, flat_scales, table,
+                                                       layer_denoms, **scalars)
+        d = layer_denoms.to(device=flat_param.device, dtype=torch.float32).contiguous()
+        return fn(flat_param, flat_grad, flat_codes, flat_scales, self._q8_table(table), d, float(scalars["beta1"]),
+                  float(scalars["grad_scale"]), float(scalars["weight_decay"]), bool(scalars["decoupled"]),
+                  scalars["q8"].map_id)
+
+    def q8_update_segments_(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms, boundary=None,
+                            **scalars) -> None:
+        if not len(table):
+            return
+        fn = self._q8_native("q8_update_segments", [flat_grad], [flat_param, flat_scales], [flat_codes])
+        if fn is None:
+            return super().q8_update_segments_(flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                                               boundary, **scalars)
+        d = layer_denoms.to(device=flat_param.device, dtype=torch.float32).contiguous()
+        q8 = scalars["q8"]
+        fn(flat_param, flat_grad, flat_codes, flat_scales, self._q8_table(table), d, boundary, float(scalars["lr"]),
+           float(scalars["beta1"]), float(scalars["grad_scale"]), float(scalars["weight_decay"]),
+           bool(scalars["decoupled"]), q8.map_id, q8.rounding_id, int(q8.seed) & 0xFFFFFFFF,
+           int(scalars["step"]) & 0xFFFFFFFF)
 
 
 # -- loading, rank-local ------------------------------------------------------------------------------------

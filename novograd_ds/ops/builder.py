@@ -346,7 +346,7 @@ class CPUOpBuilder(OpBuilder):
         self.name = f"novograd_ds_cpu_{self.isa}"
 
     def sources(self) -> list[str]:
-        return [str(CSRC / "cpu" / "novograd_cpu.cpp")]
+        return [str(CSRC / "cpu" / "novograd_cpu.cpp"), str(CSRC / "cpu" / "novograd_q8.cpp")]
 
     def cxx_flags(self) -> list[str]:
         return super().cxx_flags() + _ISA_FLAGS[self.isa]
