@@ -362,7 +362,8 @@ class CUDAOpBuilder(OpBuilder):
         self.archs = list(archs) if archs is not None else cuda_archs()
 
     def sources(self) -> list[str]:
-        return [str(CSRC / "cuda" / "bindings.cpp"), str(CSRC / "cuda" / "novograd_cuda.cu")]
+        return [str(CSRC / "cuda" / "bindings.cpp"), str(CSRC / "cuda" / "novograd_cuda.cu"),
+                str(CSRC / "cuda" / "novograd_q8.cu")]
 
     def nvcc_flags(self) -> list[str]:
         # --fmad=false: no contraction into FMA, so the update rounds like the reference backend. Explicit
