@@ -9,7 +9,7 @@
 //   cuda_q8_emulation --q8-from IN OUT      run the boundary pass and the update on the problem in IN, write the
 //                                           results to OUT (the test compares them with the Python backends)
 //
-// Per case and per (map, rounding, decoupled): every launch within the limits; every element of every run updated
+// Per case and per (map, rounding, decoupled) (two of them for the largest cases): every launch within the limits; every element of every run updated
 // once, elements outside the runs never; every scale of every run written once; the boundary pass's every row
 // written once; w, codes, scales and the boundary values equal, bit for bit, to a plain sequential evaluation of
 // the definition (block by block, element by element). It prints a hash of the results, which the test compares
@@ -275,6 +275,8 @@ void run_case(const Case& c) {
   for (int map = 0; map < 2; ++map)
     for (int rnd = 0; rnd < 2; ++rnd)
       for (int dec = 0; dec < 2; ++dec) {
+        // cases over 2^20 elements (more chunks than a launch holds) run two of the eight combinations
+        if (c.numel > (1 << 20) && !(map == rnd && rnd == dec)) continue;
         const std::string tag = c.name + " map=" + std::to_string(map) + " rounding=" + std::to_string(rnd) +
                                 " decoupled=" + std::to_string(dec);
         const novograd::UpdateScalars sc{0.01f, 0.9f, dec ? 0.1f : 1.0f, 0.05f, dec};
