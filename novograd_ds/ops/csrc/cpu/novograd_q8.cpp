@@ -69,26 +69,118 @@ BlockScale block_scale(const QSpan& sp, int64_t j, const float* boundary) {
   return {false, 0.0f};
 }
 
-// Pass 1 of a block, elements [lo, hi) of the run: w updated in place, m_new into buf[0, hi - lo); returns max|m_new|.
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The per-call constants of the vector code.
+struct VConsts {
+  vfloat d, lr, a1, c1, wd;
+  explicit VConsts(float dd, const novograd::UpdateScalars& s)
+      : d(vset1(dd)), lr(vset1(s.lr)), a1(vset1(s.a1)), c1(vset1(s.c1)), wd(vset1(s.wd)) {}
+};
+
+// W elements at i: dequantise the codes, update_element (novograd_math.h) in vector form, store w; returns m_new.
 template <typename G, bool kDecoupled, int kMap>
-float block_moment(float* w, const G* g, const int8_t* q, int64_t lo, int64_t hi, float d, float step,
-                   const novograd::UpdateScalars& s, float* buf) {
+inline vfloat moment_vec(float* w, const G* g, const int8_t* q, int64_t i, const VConsts& c, vfloat step) {
+  vfloat qv = vload_codes(q + i);
+  if (kMap == q8::kSqrt) qv = vmul(qv, vabs(qv));         // q|q|
+  const vfloat mo = vmul(qv, step);                         // m_old = dequant(code)
+  const vfloat wv = vload(w + i);
+  vfloat gh = vdiv(vload(g + i), c.d);                      // gh = g / d
+  if (!kDecoupled) gh = vadd(gh, vmul(c.wd, wv));           // gh = gh + wd*w
+  const vfloat mn = vadd(vmul(c.a1, mo), vmul(c.c1, gh));   // m  = a1*m + c1*gh
+  const vfloat u = kDecoupled ? vadd(mn, vmul(c.wd, wv)) : mn;
+  vstore(w + i, vsub(wv, vmul(c.lr, u)));                   // w  = w - lr*u
+  return mn;
+}
+
+// q8::uniform of the W elements whose layer indices start at the 32-bit `index_lo`.
+inline vfloat uniform_vec(vint ib, uint32_t index_lo) {
+  vint x = vi_xor(ib, vi_add(vi_set1(index_lo), vi_iota()));
+  x = vi_xor(x, vi_shr<16>(x));
+  x = vi_mul(x, vi_set1(0x21F0AAADu));
+  x = vi_xor(x, vi_shr<15>(x));
+  x = vi_mul(x, vi_set1(0x735A2D97u));
+  x = vi_xor(x, vi_shr<15>(x));
+  return vmul(vi_to_float(vi_shr<8>(x)), vset1(q8::kTwoPowMinus24));
+}
+
+// q8::quant of W values, as integral fp32 codes.
+template <int kMap, int kRound>
+inline vfloat code_vec(vfloat m, vfloat inv, vfloat u) {
+  const vfloat one = vset1(1.0f), zero = vzero(), qmax = vset1(127.0f);
+  if (kMap == q8::kLinear) {
+    const vfloat t = vmul(m, inv);
+    vfloat code;
+    if (kRound == q8::kNearest) {
+      code = vrint(t);
+    } else {
+      const vfloat k = vfloor(t);
+      code = vadd(k, vselect(vlt(u, vsub(t, k)), one, zero));
+    }
+    return vmax(vmin(code, qmax), vsub(zero, qmax));
+  }
+  const vfloat sq_den = vset1(q8::kSqrtDen);
+  vfloat t = vmul(vabs(m), inv);
+  t = vselect(vgt(t, sq_den), sq_den, t);
+  vfloat k = vfloor(vsqrt(t));
+  const vfloat k1 = vadd(k, one);
+  k = vselect(vgt(vmul(k, k), t), vsub(k, one), vselect(vle(vmul(k1, k1), t), k1, k));
+  const vfloat r = vsub(t, vmul(k, k));
+  const vmask up = kRound == q8::kNearest ? vge(r, vadd(k, vset1(0.5f)))
+                                          : vlt(vmul(u, vadd(vmul(vset1(2.0f), k), one)), r);
+  vfloat qm = vadd(k, vselect(up, one, zero));
+  qm = vselect(vgt(qm, qmax), qmax, qm);
+  return vselect(vlt(m, zero), vsub(zero, qm), qm);
+}
+
+constexpr int kVecsPerBlock = static_cast<int>(q8::kBlock) / W;
+constexpr int64_t kPrefetchBlocks = 2;  // software prefetch distance (measured: ~5% faster than the hardware's alone)
+
+// A whole block (256 elements from `lo`, the block's first element): m_new kept in registers (AVX-512: 16 zmm;
+// AVX2 spills them to the stack), one pass over memory. Returns the scale written.
+template <typename G, bool kDecoupled, int kMap, int kRound>
+inline float full_block(float* w, const G* g, int8_t* q, int64_t lo, const VConsts& c, float old_scale,
+                        const BlockScale& given, uint32_t ib, int64_t index0) {
+  const int64_t ahead = lo + kPrefetchBlocks * q8::kBlock;  // a hint: past the end of the tensor it does nothing
+  for (int k = 0; k < static_cast<int>(q8::kBlock); k += 64 / static_cast<int>(sizeof(float))) {  // per cache line
+    _mm_prefetch(reinterpret_cast<const char*>(w + ahead + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(g + ahead + k), _MM_HINT_T0);
+  }
+  for (int k = 0; k < static_cast<int>(q8::kBlock); k += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(q + ahead + k), _MM_HINT_T0);
+  const vfloat step = vset1(q8::dequant_step(old_scale, kMap));
+  vfloat mn[kVecsPerBlock];
+  vfloat vmx = vzero();
+#pragma GCC unroll 32
+  for (int k = 0; k < kVecsPerBlock; ++k) {
+    mn[k] = moment_vec<G, kDecoupled, kMap>(w, g, q, lo + k * W, c, step);
+    vmx = vmax(vmx, vabs(mn[k]));
+  }
+  const float a = given.given ? given.value : vmax_all(vmx);
+  const vfloat inv = vset1(q8::quant_inv(a, kMap));
+  const vint vib = vi_set1(ib);
+#pragma GCC unroll 32
+  for (int k = 0; k < kVecsPerBlock; ++k) {
+    const vfloat u = kRound == q8::kStochastic ? uniform_vec(vib, static_cast<uint32_t>(index0 + k * W)) : vzero();
+    vstore_codes(q + lo + k * W, code_vec<kMap, kRound>(mn[k], inv, u));
+  }
+  return a;
+}
+#endif
+
+// A block's elements [lo, hi) of the run (any part of a block): pass 1 updates w and keeps m_new in `buf`, pass 2
+// writes the codes. Vector main loops and scalar tails evaluate the same operations. Returns the scale written.
+template <typename G, bool kDecoupled, int kMap, int kRound>
+float part_block(float* w, const G* g, int8_t* q, int64_t lo, int64_t hi, float d, const novograd::UpdateScalars& s,
+                 float old_scale, const BlockScale& given, uint32_t ib, int64_t index0, float* buf) {
+  const float step = q8::dequant_step(old_scale, kMap);
   int64_t i = lo;
   float amax = 0.0f;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const vfloat vd = vset1(d), vlr = vset1(s.lr), va1 = vset1(s.a1), vc1 = vset1(s.c1), vwd = vset1(s.wd);
+  const VConsts c(d, s);
   const vfloat vstep = vset1(step);
   vfloat vmx = vzero();
   for (; i + W <= hi; i += W) {
-    vfloat qv = vload_codes(q + i);
-    if (kMap == q8::kSqrt) qv = vmul(qv, vabs(qv));         // q|q|
-    const vfloat mo = vmul(qv, vstep);                        // m_old = dequant(code)
-    const vfloat wv = vload(w + i);
-    vfloat gh = vdiv(vload(g + i), vd);                       // gh = g / d
-    if (!kDecoupled) gh = vadd(gh, vmul(vwd, wv));            // gh = gh + wd*w
-    const vfloat mn = vadd(vmul(va1, mo), vmul(vc1, gh));     // m  = a1*m + c1*gh
-    const vfloat u = kDecoupled ? vadd(mn, vmul(vwd, wv)) : mn;
-    vstore(w + i, vsub(wv, vmul(vlr, u)));                    // w  = w - lr*u
+    const vfloat mn = moment_vec<G, kDecoupled, kMap>(w, g, q, i, c, vstep);
     vstore(buf + (i - lo), mn);
     vmx = vmax(vmx, vabs(mn));
   }
@@ -102,78 +194,48 @@ float block_moment(float* w, const G* g, const int8_t* q, int64_t lo, int64_t hi
     buf[i - lo] = m;
     amax = std::max(amax, std::fabs(m));
   }
-  return amax;
-}
-
-// Pass 2 of a block: codes of buf[0, hi - lo) with the block's quant_inv; `index0` is the layer index of element lo.
-template <int kMap, int kRound>
-void block_codes(int8_t* q, const float* buf, int64_t lo, int64_t hi, float inv, uint32_t ib, int64_t index0) {
-  int64_t i = lo;
+  const float a = given.given ? given.value : amax;
+  const float inv = q8::quant_inv(a, kMap);
+  i = lo;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const vfloat vinv = vset1(inv), one = vset1(1.0f), zero = vzero(), qmax = vset1(127.0f);
-  const vfloat two = vset1(2.0f), half = vset1(0.5f), sq_den = vset1(q8::kSqrtDen), pow24 = vset1(q8::kTwoPowMinus24);
-  const vint vib = vi_set1(ib), iota = vi_iota();
-  const vint c1 = vi_set1(0x21F0AAADu), c2 = vi_set1(0x735A2D97u);
+  const vfloat vinv = vset1(inv);
+  const vint vib = vi_set1(ib);
   for (; i + W <= hi; i += W) {
-    const vfloat m = vload(buf + (i - lo));
-    vfloat u = zero;
-    if (kRound == q8::kStochastic) {  // q8::uniform of the W elements, lane by lane the same integers
-      vint x = vi_xor(vib, vi_add(vi_set1(static_cast<uint32_t>(index0 + (i - lo))), iota));
-      x = vi_xor(x, vi_shr<16>(x));
-      x = vi_mul(x, c1);
-      x = vi_xor(x, vi_shr<15>(x));
-      x = vi_mul(x, c2);
-      x = vi_xor(x, vi_shr<15>(x));
-      u = vmul(vi_to_float(vi_shr<8>(x)), pow24);
-    }
-    vfloat code;
-    if (kMap == q8::kLinear) {
-      const vfloat t = vmul(m, vinv);
-      if (kRound == q8::kNearest) {
-        code = vrint(t);
-      } else {
-        const vfloat k = vfloor(t);
-        code = vadd(k, vselect(vlt(u, vsub(t, k)), one, zero));
-      }
-      code = vmax(vmin(code, qmax), vsub(zero, qmax));
-    } else {
-      vfloat t = vmul(vabs(m), vinv);
-      t = vselect(vgt(t, sq_den), sq_den, t);
-      vfloat k = vfloor(vsqrt(t));
-      const vfloat k1 = vadd(k, one);
-      k = vselect(vgt(vmul(k, k), t), vsub(k, one), vselect(vle(vmul(k1, k1), t), k1, k));
-      const vfloat r = vsub(t, vmul(k, k));
-      const vmask up = kRound == q8::kNearest ? vge(r, vadd(k, half)) : vlt(vmul(u, vadd(vmul(two, k), one)), r);
-      vfloat qm = vadd(k, vselect(up, one, zero));
-      qm = vselect(vgt(qm, qmax), qmax, qm);
-      code = vselect(vlt(m, zero), vsub(zero, qm), qm);
-    }
-    vstore_codes(q + i, code);
+    const vfloat u = kRound == q8::kStochastic ? uniform_vec(vib, static_cast<uint32_t>(index0 + (i - lo))) : vzero();
+    vstore_codes(q + i, code_vec<kMap, kRound>(vload(buf + (i - lo)), vinv, u));
   }
 #endif
   for (; i < hi; ++i) {
     const float u = kRound == q8::kStochastic ? q8::uniform(ib, index0 + (i - lo)) : 0.0f;
     q[i] = q8::quant(buf[i - lo], inv, kMap, kRound, u);
   }
+  return a;
 }
 
+// The blocks of one chunk of a run.
 template <typename G, bool kDecoupled, int kMap, int kRound>
 void run_chunk(const QSpan& sp, const QChunk& ch, float d, const novograd::UpdateScalars& s, uint32_t base,
                const float* boundary) {
   alignas(64) float buf[q8::kBlock];
   const G* g = static_cast<const G*>(sp.g);
   const int64_t fb = q8::first_block(sp.start);
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const VConsts c(d, s);
+#endif
   for (int64_t lo = ch.lo; lo < ch.hi;) {
     const int64_t b = (sp.start + lo) / q8::kBlock;
     const int64_t hi = std::min(ch.hi, (b + 1) * q8::kBlock - sp.start);
     const int64_t j = b - fb;
-    const float old_step = q8::dequant_step(sp.scale[j], kMap);
-    const float amax = block_moment<G, kDecoupled, kMap>(sp.w, g, sp.q, lo, hi, d, old_step, s, buf);
     const BlockScale given = block_scale(sp, j, boundary);
-    const float a = given.given ? given.value : amax;
     const int64_t index0 = sp.start + lo;
-    block_codes<kMap, kRound>(sp.q, buf, lo, hi, q8::quant_inv(a, kMap), q8::index_base(base, index0), index0);
-    sp.scale[j] = a;
+    const uint32_t ib = q8::index_base(base, index0);
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (hi - lo == q8::kBlock)
+      sp.scale[j] = full_block<G, kDecoupled, kMap, kRound>(sp.w, g, sp.q, lo, c, sp.scale[j], given, ib, index0);
+    else
+#endif
+      sp.scale[j] = part_block<G, kDecoupled, kMap, kRound>(sp.w, g, sp.q, lo, hi, d, s, sp.scale[j], given, ib, index0,
+                                                          buf);
     lo = hi;
   }
 }
