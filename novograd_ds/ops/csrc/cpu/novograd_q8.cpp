@@ -60,14 +60,18 @@ struct BlockScale {
   float value;
 };
 
-BlockScale block_scale(const QSpan& sp, int64_t j, const float* boundary) {
-  const int64_t count = q8::block_count(sp.start, sp.n);
-  const bool fp = q8::first_partial(sp.start, sp.n, sp.layer_numel);
-  const bool lp = q8::last_partial(sp.start, sp.n, sp.layer_numel);
-  if (j == 0 && fp) return {true, boundary[2 * sp.run]};
-  if (j == count - 1 && lp) return {true, boundary[2 * sp.run + 1]};
-  return {false, 0.0f};
-}
+struct RunEnds {  // a run's block count and partial ends, computed once per chunk
+  int64_t count;
+  bool fp, lp;
+  explicit RunEnds(const QSpan& sp)
+      : count(q8::block_count(sp.start, sp.n)), fp(q8::first_partial(sp.start, sp.n, sp.layer_numel)),
+        lp(q8::last_partial(sp.start, sp.n, sp.layer_numel)) {}
+  BlockScale scale_of(const QSpan& sp, int64_t j, const float* boundary) const {
+    if (j == 0 && fp) return {true, boundary[2 * sp.run]};
+    if (j == count - 1 && lp) return {true, boundary[2 * sp.run + 1]};
+    return {false, 0.0f};
+  }
+};
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 // The per-call constants of the vector code.
@@ -158,6 +162,11 @@ inline float full_block(float* w, const G* g, int8_t* q, int64_t lo, const VCons
   const float a = given.given ? given.value : vmax_all(vmx);
   const vfloat inv = vset1(q8::quant_inv(a, kMap));
   const vint vib = vi_set1(ib);
+  if (kMap == q8::kLinear && kRound == q8::kNearest) {  // rint(m * inv) in the conversion itself
+#pragma GCC unroll 32
+    for (int k = 0; k < kVecsPerBlock; ++k) vstore_codes_rint(q + lo + k * W, vmul(mn[k], inv));
+    return a;
+  }
 #pragma GCC unroll 32
   for (int k = 0; k < kVecsPerBlock; ++k) {
     const vfloat u = kRound == q8::kStochastic ? uniform_vec(vib, static_cast<uint32_t>(index0 + k * W)) : vzero();
@@ -219,6 +228,7 @@ void run_chunk(const QSpan& sp, const QChunk& ch, float d, const novograd::Updat
   alignas(64) float buf[q8::kBlock];
   const G* g = static_cast<const G*>(sp.g);
   const int64_t fb = q8::first_block(sp.start);
+  const RunEnds ends(sp);
 #if defined(__AVX512F__) || defined(__AVX2__)
   const VConsts c(d, s);
 #endif
@@ -226,7 +236,7 @@ void run_chunk(const QSpan& sp, const QChunk& ch, float d, const novograd::Updat
     const int64_t b = (sp.start + lo) / q8::kBlock;
     const int64_t hi = std::min(ch.hi, (b + 1) * q8::kBlock - sp.start);
     const int64_t j = b - fb;
-    const BlockScale given = block_scale(sp, j, boundary);
+    const BlockScale given = ends.scale_of(sp, j, boundary);
     const int64_t index0 = sp.start + lo;
     const uint32_t ib = q8::index_base(base, index0);
 #if defined(__AVX512F__) || defined(__AVX2__)
