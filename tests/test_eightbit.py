@@ -338,3 +338,43 @@ def test_cuda_q8_many_launches_and_determinism():
     b = _steps(backend, runs, torch.bfloat16, q8, True, steps=2, device="cuda")
     assert _equal(a, b)
     assert _equal(a, _steps(ForeachBackend(), runs, torch.bfloat16, q8, True, steps=2))
+
+
+# -- the other SIMD builds ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_isa_builds_agree_bit_for_bit(tmp_path, isa):
+    """The AVX2 and scalar builds of the CPU op (this machine's own build is covered above) give the foreach
+    backend's codes, scales and weights, bit for bit (one build each, about a minute)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    if CPUOpBuilder().missing():
+        pytest.skip("cannot build the CPU op here: " + "; ".join(CPUOpBuilder().missing()))
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    tests = Path(__file__).resolve().parent
+    code = f"""
+        import itertools, sys, torch
+        sys.path.insert(0, {str(tests)!r})
+        from test_eightbit import GRAD_DTYPES, RUNS, _equal, _steps
+        from novograd_ds.kernels import eightbit as eb
+        from novograd_ds.kernels.foreach import ForeachBackend
+        from novograd_ds.kernels.native import load_backend
+        fb = load_backend("cpu")
+        assert fb.module.simd == {isa!r}, fb.module.simd
+        for (qmap, rnd), gd, dec in itertools.product(itertools.product(eb.MAPS, eb.ROUNDINGS), GRAD_DTYPES,
+                                                     (False, True)):
+            q8 = eb.Q8Config(qmap, rnd, seed=7)
+            assert _equal(_steps(fb, RUNS, gd, q8, dec, threads=2), _steps(ForeachBackend(), RUNS, gd, q8, dec)), \\
+                (qmap, rnd, gd, dec)
+        print("Q8 ISA OK")
+        """
+    env = {**os.environ, "NOVOGRAD_DS_AUTOREGISTER": "0", "NOVOGRAD_DS_CPU_ISA": isa,
+           "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         cwd=str(tests.parent), timeout=1200)
+    assert out.returncode == 0 and "Q8 ISA OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
