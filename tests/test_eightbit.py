@@ -378,3 +378,36 @@ def test_other_isa_builds_agree_bit_for_bit(tmp_path, isa):
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                          cwd=str(tests.parent), timeout=1200)
     assert out.returncode == 0 and "Q8 ISA OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+# -- the 8-bit self-check (NOTE: [8-bit self-check] in kernels/native.py) ---------------------------------------------
+def test_q8_self_check_passes_and_catches_a_wrong_kernel(fused):
+    from novograd_ds.kernels import native
+
+    results = native.self_check_q8(fused.module, torch.device("cpu"))
+    assert len(results) == 8 and all(r.passed for r in results), [r.describe() for r in results if not r.passed]
+    assert max(r.diff for r in results) == 0.0  # bit for bit on the CPU
+
+    class Perturbed:  # the op with its 8-bit update off by one code step in every other block
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def q8_update(self, params, grads, codes, scales, *args):
+            self.module.q8_update(params, grads, codes, scales, *args)
+            for c in codes:
+                c.view(-1, 1)[::512].add_(1).clamp_(-127, 127)
+
+    bad = native.self_check_q8(Perturbed(fused.module), torch.device("cpu"))
+    assert not any(r.passed for r in bad)
+    strict = native.FusedBackend(Perturbed(fused.module), "cpu", strict=True)
+    w, q, s = _state([(4096, 0, 4096)])
+    with pytest.raises(native.NativeOpUnavailable, match="self-check 'q8 linear/nearest float32'"):
+        strict.q8_update_(w, [torch.randn(4096)], q, s, torch.ones(1), eb.Q8Runs.plain([4096]), None, lr=0.01,
+                          beta1=0.0, grad_scale=1.0, weight_decay=0.0, decoupled=False, q8=eb.Q8Config(), step=1)
+    auto = native.FusedBackend(Perturbed(fused.module), "cpu", strict=False)
+    with pytest.warns(RuntimeWarning, match="using the foreach backend"):
+        auto.q8_update_(w, [torch.randn(4096)], q, s, torch.ones(1), eb.Q8Runs.plain([4096]), None, lr=0.01,
+                        beta1=0.0, grad_scale=1.0, weight_decay=0.0, decoupled=False, q8=eb.Q8Config(), step=1)
