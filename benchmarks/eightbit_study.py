@@ -10,7 +10,8 @@ forcing: the error accumulates only through the stored moment, as it would in tr
 several steps: ``||m8 - m32|| / ||m32||`` over all quantised layers (m8 the dequantised state), and the one-shot
 error of quantising the 32-bit m itself.
 
-(b) ``train``: the study's GPT-2 (benchmarks/study.py: 2 layers, width 128, 300 steps by default) trained with
+(b) ``train``: the study's GPT-2 (benchmarks/study.py: 2 layers, width 128, 300 steps by default; ``--model main``:
+the main job's 4 x 256 at 16 x 128 tokens) trained with
 NovoGrad whose moment of each layer >= 4096 elements goes through each variant's quantiser after every update,
 against the same run with an fp32 moment: same seed, data order and learning rate, so the difference is the
 quantisation only. Final validation loss per variant and learning rate.
@@ -180,16 +181,18 @@ def run_train(args) -> dict:
     import study
 
     cfg = study.StudyConfig(steps=args.steps)
+    if args.model == "main":  # the main job's model and batch (novograd_ds/train.py defaults)
+        cfg = study.StudyConfig(steps=args.steps, n_layer=4, n_embd=256, n_head=4, seq_len=128, micro_batch=16)
     torch.set_num_threads(1)
     corpus = study.load_corpus(vocab_size=cfg.vocab_size)
     val = study.val_batches(corpus.val, cfg.micro_batch, cfg.seq_len, cfg.eval_batches)
     out_path = Path(args.out)
     data = json.loads(out_path.read_text()) if out_path.is_file() else dict(what="train", runs=[])
-    done = {(r["variant"], r["lr"], r["seed"], r["steps"]) for r in data["runs"]}
+    done = {(r["variant"], r["lr"], r["seed"], r["steps"], r.get("model", "study")) for r in data["runs"]}
     for lr in args.lrs:
         for seed in args.seeds:
             for variant in args.variants:
-                if (variant, lr, seed, args.steps) in done:
+                if (variant, lr, seed, args.steps, args.model) in done:
                     continue
                 model = study.build_model(cfg, corpus.vocab_size, seed, corpus.eot_id)
                 opt = SimNovoGrad(study.param_groups(model, 1e-3), variant=variant, lr=lr)
@@ -208,7 +211,8 @@ def run_train(args) -> dict:
                     opt.zero_grad()
                     if (step + 1) % max(1, args.steps // 6) == 0 or step + 1 == args.steps:
                         curve.append((step + 1, study.evaluate(model, val)))
-                r = dict(variant=variant, lr=lr, seed=seed, steps=args.steps, final_val_loss=curve[-1][1],
+                r = dict(variant=variant, lr=lr, seed=seed, steps=args.steps, model=args.model,
+                         final_val_loss=curve[-1][1],
                          val_curve=curve, wall_s=time.perf_counter() - t0)
                 data["runs"].append(r)
                 out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,8 @@ def main(argv=None) -> int:
     t.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[0.03125])
     t.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     t.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    t.add_argument("--model", choices=("study", "main"), default="study",
+                   help="study: 2 x 128, 16 x 64 tokens (benchmarks/study.py); main: the main job's 4 x 256, 16 x 128")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "error":

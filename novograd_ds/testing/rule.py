@@ -92,14 +92,17 @@ def _mix32(x):
 
 
 def rule_uniform(seed: int, key: int, step: int, index: np.ndarray) -> np.ndarray:
-    """u in [0, 1) for layer elements ``index`` (int64): 24 bits of the hash of (seed, key, step, index)."""
+    """u in (0, 1) for layer elements ``index`` (int64): byte ``index % 4`` of the hash of (seed, key, step,
+    index // 4), as (byte + 0.5) / 256."""
     mask = 0xFFFFFFFF
     one = lambda v: int(_mix32(np.array([v & mask], dtype=np.uint64))[0])
     base = one(one(one(step) ^ (key & mask)) ^ (seed & mask))
     idx = index.astype(np.uint64)
-    ib = _mix32(np.uint64(base) ^ (idx >> np.uint64(32)))
-    h = _mix32(ib ^ (idx & np.uint64(mask)))
-    return (h >> np.uint64(8)).astype(np.float64) / float(1 << 24)
+    word = idx // np.uint64(4)
+    ib = _mix32(np.uint64(base) ^ (word >> np.uint64(32)))
+    h = _mix32(ib ^ (word & np.uint64(mask)))
+    byte = (h >> (np.uint64(8) * (idx % np.uint64(4)))) & np.uint64(255)
+    return (byte.astype(np.float64) + 0.5) / 256.0
 
 
 def rule_dequantize(codes, scales, qmap):

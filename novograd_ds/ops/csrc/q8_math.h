@@ -12,7 +12,7 @@
 // Maps: linear  m = q * (A/127),        t = m * (127/A),   q = rint(t)   | floor(t) + (u < t - floor(t))
 //       sqrt    m = (q|q|) * (A/16129), t = |m| * (16129/A), k = floor(sqrt(t)) exactly, r = t - k*k,
 //                                        |q| = k + (r >= k + 0.5)       | k + (u*(2k+1) < r),  sign of m
-// Stochastic u: 24 bits of a counter-based hash of (seed, step, layer key, element index in the layer).
+// Stochastic u: 8 bits (a byte of a counter-based hash of (seed, step, layer key, element index in the layer / 4)).
 #pragma once
 
 #include <math.h>
@@ -27,7 +27,6 @@ constexpr int64_t kBlock = 256;  // elements per scale, aligned to the layer's e
 constexpr int kQmax = 127;       // codes in [-127, 127]
 constexpr float kLinearDen = 127.0f;
 constexpr float kSqrtDen = 16129.0f;  // 127 * 127
-constexpr float kTwoPowMinus24 = 5.9604644775390625e-08f;
 
 enum Map : int { kLinear = 0, kSqrt = 1 };
 enum Rounding : int { kNearest = 0, kStochastic = 1 };
@@ -56,14 +55,21 @@ NOVOGRAD_HD uint32_t stream_base(uint32_t seed, uint32_t key, uint32_t step) {
   return hash32(hash32(hash32(step) ^ key) ^ seed);
 }
 
-// Per run of elements sharing the high 32 bits of their index in the layer (any 65536-aligned chunk).
+// Per run of elements whose word index (index >> 2) shares its high 32 bits (any 65536-aligned chunk).
 NOVOGRAD_HD uint32_t index_base(uint32_t base, int64_t index) {
-  return hash32(base ^ static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32));
+  return hash32(base ^ static_cast<uint32_t>(static_cast<uint64_t>(index) >> 34));
 }
 
-// u in [0, 1) of the element at `index` of the layer: (hash32(ib ^ low 32 bits of index) >> 8) * 2^-24, exact.
+// The hash of the word holding the element at `index` (four elements per word, a byte each).
+NOVOGRAD_HD uint32_t word_hash(uint32_t ib, int64_t index) {
+  return hash32(ib ^ static_cast<uint32_t>(static_cast<uint64_t>(index) >> 2));
+}
+
+// u in (0, 1) of the element at `index` of the layer: (byte (index & 3) of word_hash + 0.5) / 256, exact in fp32.
+// 8 random bits bias a stochastic rounding by at most 1/512 of a code step.
+NOVOGRAD_HD float byte_uniform(uint32_t byte) { return (static_cast<float>(byte) + 0.5f) * (1.0f / 256.0f); }
 NOVOGRAD_HD float uniform(uint32_t ib, int64_t index) {
-  return static_cast<float>(hash32(ib ^ static_cast<uint32_t>(index)) >> 8) * kTwoPowMinus24;
+  return byte_uniform((word_hash(ib, index) >> (8 * static_cast<uint32_t>(index & 3))) & 255u);
 }
 
 // -- the maps -------------------------------------------------------------------------------------------------

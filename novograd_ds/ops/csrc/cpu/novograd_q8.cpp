@@ -96,15 +96,27 @@ inline vfloat moment_vec(float* w, const G* g, const int8_t* q, int64_t i, const
   return mn;
 }
 
-// q8::uniform of the W elements whose layer indices start at the 32-bit `index_lo`.
-inline vfloat uniform_vec(vint ib, uint32_t index_lo) {
-  vint x = vi_xor(ib, vi_add(vi_set1(index_lo), vi_iota()));
+// q8::word_hash of W consecutive words from `word_lo` (32-bit), lane by lane the same integers.
+inline vint word_hash_vec(vint ib, uint32_t word_lo) {
+  vint x = vi_xor(ib, vi_add(vi_set1(word_lo), vi_iota()));
   x = vi_xor(x, vi_shr<16>(x));
   x = vi_mul(x, vi_set1(0x21F0AAADu));
   x = vi_xor(x, vi_shr<15>(x));
   x = vi_mul(x, vi_set1(0x735A2D97u));
-  x = vi_xor(x, vi_shr<15>(x));
-  return vmul(vi_to_float(vi_shr<8>(x)), vset1(q8::kTwoPowMinus24));
+  return vi_xor(x, vi_shr<15>(x));
+}
+
+// The stochastic-rounding bytes of a whole block (256 elements from the layer index `index0`, a multiple of 256):
+// its 64 words' hashes, stored in order, so byte i is element index0 + i's (x86 is little-endian).
+inline void block_random_bytes(uint32_t ib, int64_t index0, uint32_t* words) {
+  const vint vib = vi_set1(ib);
+  const uint32_t w0 = static_cast<uint32_t>(static_cast<uint64_t>(index0) >> 2);
+  for (int j = 0; j < static_cast<int>(q8::kBlock / 4); j += W) vi_store(words + j, word_hash_vec(vib, w0 + j));
+}
+
+// u of W elements from their random bytes: (byte + 0.5) / 256, as q8::byte_uniform.
+inline vfloat uniform_vec(const uint8_t* bytes) {
+  return vmul(vadd(vload_u8(bytes), vset1(0.5f)), vset1(1.0f / 256.0f));
 }
 
 // q8::quant of W values, as integral fp32 codes.
@@ -161,15 +173,17 @@ inline float full_block(float* w, const G* g, int8_t* q, int64_t lo, const VCons
   }
   const float a = given.given ? given.value : vmax_all(vmx);
   const vfloat inv = vset1(q8::quant_inv(a, kMap));
-  const vint vib = vi_set1(ib);
   if (kMap == q8::kLinear && kRound == q8::kNearest) {  // rint(m * inv) in the conversion itself
 #pragma GCC unroll 32
     for (int k = 0; k < kVecsPerBlock; ++k) vstore_codes_rint(q + lo + k * W, vmul(mn[k], inv));
     return a;
   }
+  alignas(64) uint32_t words[q8::kBlock / 4];
+  if (kRound == q8::kStochastic) block_random_bytes(ib, index0, words);
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);
 #pragma GCC unroll 32
   for (int k = 0; k < kVecsPerBlock; ++k) {
-    const vfloat u = kRound == q8::kStochastic ? uniform_vec(vib, static_cast<uint32_t>(index0 + k * W)) : vzero();
+    const vfloat u = kRound == q8::kStochastic ? uniform_vec(bytes + k * W) : vzero();
     vstore_codes(q + lo + k * W, code_vec<kMap, kRound>(mn[k], inv, u));
   }
   return a;
@@ -207,10 +221,12 @@ float part_block(float* w, const G* g, int8_t* q, int64_t lo, int64_t hi, float 
   const float inv = q8::quant_inv(a, kMap);
   i = lo;
 #if defined(__AVX512F__) || defined(__AVX2__)
+  alignas(64) float ubuf[q8::kBlock];
+  if (kRound == q8::kStochastic)  // a partial block: its elements' u one by one (at most two such blocks per run)
+    for (int64_t e = lo; e < hi; ++e) ubuf[e - lo] = q8::uniform(ib, index0 + (e - lo));
   const vfloat vinv = vset1(inv);
-  const vint vib = vi_set1(ib);
   for (; i + W <= hi; i += W) {
-    const vfloat u = kRound == q8::kStochastic ? uniform_vec(vib, static_cast<uint32_t>(index0 + (i - lo))) : vzero();
+    const vfloat u = kRound == q8::kStochastic ? vload(ubuf + (i - lo)) : vzero();
     vstore_codes(q + i, code_vec<kMap, kRound>(vload(buf + (i - lo)), vinv, u));
   }
 #endif

@@ -71,6 +71,10 @@ inline vint vi_xor(vint a, vint b) { return _mm512_xor_si512(a, b); }
 inline vint vi_mul(vint a, vint b) { return _mm512_mullo_epi32(a, b); }  // low 32 bits: the uint32 product
 template <int k> inline vint vi_shr(vint a) { return _mm512_srli_epi32(a, k); }
 inline vfloat vi_to_float(vint a) { return _mm512_cvtepi32_ps(a); }  // exact for values < 2^24
+inline void vi_store(uint32_t* p, vint a) { _mm512_storeu_si512(reinterpret_cast<void*>(p), a); }
+inline vfloat vload_u8(const uint8_t* p) {  // W unsigned bytes -> fp32, exact
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #define NOVOGRAD_SIMD "avx512"
 #elif defined(__AVX2__)
 constexpr int W = 8;
@@ -134,6 +138,10 @@ inline vint vi_xor(vint a, vint b) { return _mm256_xor_si256(a, b); }
 inline vint vi_mul(vint a, vint b) { return _mm256_mullo_epi32(a, b); }
 template <int k> inline vint vi_shr(vint a) { return _mm256_srli_epi32(a, k); }
 inline vfloat vi_to_float(vint a) { return _mm256_cvtepi32_ps(a); }
+inline void vi_store(uint32_t* p, vint a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+inline vfloat vload_u8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 #define NOVOGRAD_SIMD "avx2"
 #else
 constexpr int W = 1;  // no vector ISA: the scalar loop below is the whole kernel
