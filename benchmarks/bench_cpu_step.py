@@ -10,9 +10,9 @@ torch-optimizer NovoGrad, apex FusedNovoGrad (only if importable; it is CUDA-onl
 run (torch.add(a, b, out=c), a.add_(b) and copy_ over 256 MiB arrays, interleaved with the steps).
 
 8-bit rows (``--eightbit``, on by default; NOTE: [8-bit moment]): the fused op's 8-bit NovoGrad step for each map and
-rounding, driven through the kernel seam the way the plain path steps (one ``sq_norms`` call, the second moments,
-one ``q8_update_`` call for the tensors of >= 4096 elements, one fp32 ``update_`` for the others), with its state
-as the 8-bit layout allocates it. It moves 18 bytes per parameter (read g twice, read and write w and the codes)
+rounding, driven through the kernel seam the way the plain path steps (one ``q8_layer_step_`` call for the tensors of
+>= 4096 elements and one fp32 ``layer_step_`` for the others, each a layer at a time: norm, second moment, update),
+with its state as the 8-bit layout allocates it. It moves 18 bytes per parameter (read g twice, read and write w and the codes)
 against AdamW's 28 (read g, w, m, v; write w, m, v); its floor is 18 B/param at the same bandwidth.
 """
 
@@ -55,27 +55,27 @@ class EightBitNovoGrad:
         self.codes = [torch.zeros(p.numel(), dtype=eb.CODE_DTYPE) for p in self.big]
         self.scales = [torch.zeros(eb.n_blocks(0, p.numel())) for p in self.big]
         self.exp_avg = [torch.zeros_like(p) for p in self.small]
-        self.v = torch.zeros(len(params))
+        self.vs = [torch.zeros(()) for _ in params]  # exp_avg_sq of each tensor: big ones first, then small
         self.runs = eb.Q8Runs.plain([p.numel() for p in self.big])
         self.k = 0
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.codes, *self.scales, *self.exp_avg, self.v))
+        return sum(t.numel() * t.element_size() for t in (*self.codes, *self.scales, *self.exp_avg, *self.vs))
 
     @torch.no_grad()
     def step(self):
-        from novograd_ds.optimizer import second_moment_, step_factors
+        from novograd_ds.optimizer import step_factors
 
         self.k += 1
         a1, c1, a2, c2 = step_factors(self.k, self.betas[0], self.betas[1], False)
-        ps = self.big + self.small
-        grads = [p.grad for p in ps]
-        d = second_moment_(self.v, self.backend.sq_norms(grads), None, a2=a2, c2=c2, eps=self.eps)
-        kw = dict(lr=self.lr, beta1=a1, grad_scale=c1, weight_decay=self.wd, decoupled=False)
         nb = len(self.big)
-        self.backend.q8_update_([p.data for p in self.big], grads[:nb], self.codes, self.scales, d[:nb], self.runs,
-                                None, q8=self.q8, step=self.k, **kw)
-        self.backend.update_([p.data for p in self.small], grads[nb:], self.exp_avg, d[nb:], **kw)
+        # one call per kind of state, each a layer at a time (norm, v, update): NOTE: [8-bit layer at a time]
+        kw = dict(lr=self.lr, a1=a1, c1=c1, a2=a2, c2=c2, eps=self.eps, weight_decay=self.wd, decoupled=False)
+        done = self.backend.q8_layer_step_([p.data for p in self.big], [p.grad for p in self.big], self.codes,
+                                           self.scales, self.vs[:nb], None, self.runs, q8=self.q8, step=self.k, **kw)
+        done = done and self.backend.layer_step_([p.data for p in self.small], [p.grad for p in self.small],
+                                                 self.exp_avg, self.vs[nb:], None, **kw)
+        assert done, "the fused CPU op did not take the 8-bit step"
 
 
 def transformer_shapes(target: float) -> list[tuple[int, ...]]:

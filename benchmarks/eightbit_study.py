@@ -19,7 +19,8 @@ quantisation only. Final validation loss per variant and learning rate.
 Variants: ``linear``/``sqrt`` x ``nearest``/``stochastic`` (the kernels' maps, novograd_ds/kernels/eightbit.py),
 ``dynamic-nearest`` (a log-like map measured here only: 127 magnitudes ``2^-e (8+f)/15`` for e in 0..15, f in 0..7,
 the smallest replaced by 0, nearest in value, as fp8-e4m3 or bitsandbytes' dynamic map spend their codes), and
-``*-wdq`` (the weight updated with the dequantised moment instead of the fp32 m_new).
+``*-wdq`` (the weight updated with the dequantised moment instead of the fp32 m_new), ``*-noemb`` (the token and
+position embeddings keep an fp32 moment).
 """
 
 from __future__ import annotations
@@ -83,9 +84,12 @@ class SimNovoGrad:
     """NovoGrad (plain path, one tensor at a time, the kernels' fp32 arithmetic) whose moment of every tensor with
     at least MIN_QUANTIZED_NUMEL elements is stored as ``fake_quant(m_new)`` after each update."""
 
-    def __init__(self, groups, *, variant: str, lr: float, betas=(0.95, 0.98), eps=1e-8):
+    def __init__(self, groups, *, variant: str, lr: float, betas=(0.95, 0.98), eps=1e-8, keep_fp32=()):
         self.param_groups = [dict(g, lr=lr) for g in groups]
-        self.variant, self.betas, self.eps = variant, betas, eps
+        self.betas, self.eps = betas, eps
+        # "<variant>-noemb": the embeddings keep an fp32 moment (keep_fp32: their ids)
+        self.variant = variant[: -len("-noemb")] if variant.endswith("-noemb") else variant
+        self.keep_fp32 = {id(p) for p in keep_fp32} if variant.endswith("-noemb") else set()
         self.state: dict = {}
         self.keys = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
@@ -109,7 +113,7 @@ class SimNovoGrad:
                 d = torch.tensor(math.sqrt(st["v"]) + self.eps, dtype=torch.float32)
                 kw = dict(lr=group["lr"], beta1=a1, grad_scale=c1, weight_decay=group["weight_decay"], decoupled=False)
                 m_new, w_new = eb.moment_and_weight(p, p.grad, st["m"], d, **kw)
-                if self.variant != "fp32" and p.numel() >= eb.MIN_QUANTIZED_NUMEL:
+                if self.variant != "fp32" and p.numel() >= eb.MIN_QUANTIZED_NUMEL and id(p) not in self.keep_fp32:
                     m_store = fake_quant(m_new, self.variant, key=self.keys[id(p)], step=st["step"])
                     if self.variant.endswith("-wdq"):  # w from the dequantised moment
                         w_new = _w_from(p, m_store, kw)
@@ -195,7 +199,8 @@ def run_train(args) -> dict:
                 if (variant, lr, seed, args.steps, args.model) in done:
                     continue
                 model = study.build_model(cfg, corpus.vocab_size, seed, corpus.eot_id)
-                opt = SimNovoGrad(study.param_groups(model, 1e-3), variant=variant, lr=lr)
+                emb = [model.transformer.wte.weight, model.transformer.wpe.weight]
+                opt = SimNovoGrad(study.param_groups(model, 1e-3), variant=variant, lr=lr, keep_fp32=emb)
                 t0 = time.perf_counter()
                 curve = []
                 for step in range(args.steps):

@@ -149,6 +149,44 @@ def test_a_layer_in_pieces_equals_the_whole_layer(request, backend_name, qmap, r
         assert torch.equal(s, whole[2][first:end])
 
 
+@pytest.mark.parametrize("qmap,rounding", list(itertools.product(eb.MAPS, eb.ROUNDINGS)))
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_layer_at_a_time_equals_two_passes(fused, qmap, rounding, gdtype, amsgrad):
+    """NOTE: [8-bit layer at a time]: q8_layer_step_ is bit for bit sq_norms + second_moment_ + q8_update_."""
+    from novograd_ds.optimizer import second_moment_, step_factors
+
+    sizes = [2 ** 20 + 3, 3 * 65536 + 5, 5000, 4096]
+    q8 = eb.Q8Config(qmap, rounding, seed=2)
+    runs_ = eb.Q8Runs.plain(sizes, [5, 6, 7, 8])
+    out = []
+    for how in ("two passes", "layer at a time"):
+        w, q, s = _state([(n, 0, n) for n in sizes])
+        v = [torch.zeros(()) for _ in sizes]
+        vmax = [torch.zeros(()) for _ in sizes] if amsgrad else None
+        gen = torch.Generator().manual_seed(4)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for k in (1, 2, 3):
+                g = [(torch.randn(n, generator=gen) * 10.0 ** (i % 3 - 1)).to(gdtype) for i, n in enumerate(sizes)]
+                a1, c1, a2, c2 = step_factors(k, 0.9, 0.98, False)
+                kw = dict(lr=0.05, weight_decay=0.01, decoupled=k == 3, q8=q8, step=k)
+                if how == "two passes":
+                    vv, vm = torch.stack(v), (torch.stack(vmax) if amsgrad else None)
+                    d = second_moment_(vv, fused.sq_norms(g), vm, a2=a2, c2=c2, eps=1e-8)
+                    torch._foreach_copy_(v, list(vv.unbind(0)))
+                    if amsgrad:
+                        torch._foreach_copy_(vmax, list(vm.unbind(0)))
+                    fused.q8_update_(w, g, q, s, d, runs_, None, beta1=a1, grad_scale=c1, **kw)
+                else:
+                    assert fused.q8_layer_step_(w, g, q, s, v, vmax, runs_, a1=a1, c1=c1, a2=a2, c2=c2, eps=1e-8, **kw)
+        finally:
+            torch.set_num_threads(before)
+        out.append([*w, *q, *s, *v, *(vmax or [])])
+    assert _equal(out[0], out[1])
+
+
 # -- against the float64 rule -----------------------------------------------------------------------------------
 def test_the_hash_is_the_rules():
     idx = torch.arange(0, 200_000, dtype=torch.long) * 7919 + (5 << 32)

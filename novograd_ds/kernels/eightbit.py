@@ -305,8 +305,7 @@ def quantize(m: Tensor, inv: Tensor, qmap: str, u: Optional[Tensor] = None) -> T
             k = torch.floor(t)
             q = k + (u < (t - k)).to(torch.float32)
         return q.clamp_(-QMAX, QMAX).to(CODE_DTYPE)
-    t = m.abs() * inv
-    t = torch.clamp(t, max=float(_QSQ))
+    t = m.abs() * inv                                       # <= 16129 (1 + 2^-23); above, |q| clamps to 127
     k = torch.floor(torch.sqrt(t))                          # any sqrt within an ulp: corrected to floor(sqrt(t))
     k = torch.where(k * k > t, k - 1, torch.where((k + 1) * (k + 1) <= t, k + 1, k))
     r = t - k * k

@@ -247,6 +247,23 @@ class FusedBackend(KernelBackend):
            float(beta1), float(grad_scale), float(weight_decay), bool(decoupled), q8.map_id, q8.rounding_id,
            int(q8.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF)
 
+    def q8_layer_step_(self, params, grads, codes, scales, vs, vmaxs, runs, *, lr, a1, c1, a2, c2, eps, weight_decay,
+                       decoupled, q8, step) -> bool:
+        """The 8-bit plain-path step of whole tensors in one call (NOTE: [8-bit layer at a time]): per tensor its
+        norm, its second moment (``vs``/``vmaxs``: 0-dim fp32 ``exp_avg_sq``/``max_exp_avg_sq``, updated in place
+        as :func:`novograd_ds.optimizer.second_moment_` would) and its 8-bit update. False when the op cannot take
+        these tensors (then use sq_norms, second_moment_ and q8_update_)."""
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        if not params:
+            return False
+        fn = self._q8_native("q8_layer_step", grads, params + scales + list(vs) + list(vmaxs or ()), codes)
+        if fn is None:
+            return False
+        fn(params, grads, codes, scales, list(vs), list(vmaxs or ()), self._q8_runs_tensor(runs, [g.numel() for g in grads]),
+           float(lr), float(a1), float(c1), float(a2), float(c2), float(eps), float(weight_decay), bool(decoupled),
+           q8.map_id, q8.rounding_id, int(q8.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF)
+        return True
+
     def q8_boundary_absmax_segments(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
                                     **scalars):
         fn = self._q8_native("q8_boundary_absmax_segments", [flat_grad], [flat_param, flat_scales], [flat_codes])

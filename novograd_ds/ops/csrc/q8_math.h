@@ -101,8 +101,7 @@ NOVOGRAD_HD int8_t quant(float m, float inv, int map, int rounding, float u) {
     }
     q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
   } else {
-    float t = fabsf(m) * inv;
-    t = t > kSqrtDen ? kSqrtDen : t;
+    const float t = fabsf(m) * inv;  // <= 16129 (1 + 2^-23); above, |q| clamps to 127
     float k = floorf(sqrtf(t));
     // k = floor(sqrt(t)) exactly, whatever the sqrt's last bit: k*k and (k+1)^2 are exact in fp32
     if (k * k > t)

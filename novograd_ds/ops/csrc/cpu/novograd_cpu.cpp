@@ -27,12 +27,12 @@
 #include "novograd_q8.h"
 #include "op_common.h"
 #include "simd.h"
+#include "sq_sum.h"
 
 namespace {
 
 using namespace novograd_cpu;  // simd.h: W lanes of fp32
 
-constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, many per thread at 25M
 
 using novograd::Span;  // spans.h: a whole tensor, or a segment of a flat tensor
 
@@ -45,55 +45,6 @@ std::vector<Chunk> make_chunks(const std::vector<Span>& spans) {
   for (int64_t s = 0; s < static_cast<int64_t>(spans.size()); ++s)
     for (int64_t b = 0; b < spans[s].n; b += kChunk) chunks.push_back({s, b, std::min(spans[s].n, b + kChunk)});
   return chunks;
-}
-
-// sum(g*g) of g[0:n], returned in double. The vector part reads four quarters of the chunk side by side: four
-// concurrent streams keep more cache-line fills in flight than one (about 30 % faster read-only on a 2-core
-// AMD EPYC VM). Each stream has its own fp32 accumulator, flushed into the double every kSub elements, so no
-// fp32 lane adds up more than kSub / W terms. What the quarters leave over goes through one stream, then the
-// scalar tail. Fixed order for a given n: deterministic.
-constexpr int64_t kSub = 256;
-
-template <typename G>
-double chunk_sq_sum(const G* g, int64_t n) {
-  int64_t i = 0;
-  double total = 0.0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  const int64_t q = n / (4 * kSub) * kSub;  // elements per stream
-  const G* g1 = g + q;
-  const G* g2 = g + 2 * q;
-  const G* g3 = g + 3 * q;
-  for (int64_t j = 0; j < q; j += kSub) {
-    vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
-    for (int64_t k = j; k < j + kSub; k += W) {
-      const vfloat x0 = vload(g + k), x1 = vload(g1 + k), x2 = vload(g2 + k), x3 = vload(g3 + k);
-      acc0 = vadd(acc0, vmul(x0, x0));
-      acc1 = vadd(acc1, vmul(x1, x1));
-      acc2 = vadd(acc2, vmul(x2, x2));
-      acc3 = vadd(acc3, vmul(x3, x3));
-    }
-    total += static_cast<double>(vsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3))));
-  }
-  i = 4 * q;
-  while (i + W <= n) {
-    const int64_t stop = std::min(n, i + kSub);
-    vfloat acc = vzero();
-    for (; i + W <= stop; i += W) {
-      const vfloat x = vload(g + i);
-      acc = vadd(acc, vmul(x, x));
-    }
-    total += static_cast<double>(vsum(acc));
-  }
-#endif
-  float tail = 0.f;
-  for (; i < n; ++i) {
-    tail += novograd::square(to_float(g[i]));
-    if (((n - i) & (kSub - 1)) == 1) {  // scalar build: flush into the double every kSub elements too
-      total += static_cast<double>(tail);
-      tail = 0.f;
-    }
-  }
-  return total + static_cast<double>(tail);
 }
 
 // The fused update of w[0:n], m[0:n] from g[0:n] with denominator d (novograd_math.h, vector form).
@@ -264,17 +215,8 @@ void layer_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       });
       double total = 0.0;
       for (int64_t c = 0; c < n_chunks; ++c) total += partial[c];
-      const float n_sq = static_cast<float>(total);                     // n = sum(g*g), as sq_norms returns it
-      float* v = vs[i].data_ptr<float>();
-      const double ema = static_cast<double>(*v) * a2 + static_cast<double>(n_sq) * c2;  // v = a2*v + c2*n
-      *v = static_cast<float>(ema);
-      float used = *v;
-      if (!vmaxs.empty()) {                                               // amsgrad: vmax = max(vmax, v)
-        float* vmax = vmaxs[i].data_ptr<float>();
-        *vmax = std::max(*vmax, *v);
-        used = *vmax;
-      }
-      const float d = static_cast<float>(std::sqrt(static_cast<double>(used)) + eps);  // d = sqrt(v) + eps
+      const float d = second_moment_step(static_cast<float>(total), vs[i].data_ptr<float>(),
+                                         vmaxs.empty() ? nullptr : vmaxs[i].data_ptr<float>(), a2, c2, eps);
       // Each thread walks its own range of chunks backwards: the chunks it summed last are the ones still in its
       // cache (a forward re-read of a range larger than the cache would evict every line before reusing it).
       at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
