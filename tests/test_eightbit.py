@@ -201,7 +201,7 @@ def _near_boundary(m, scale, qmap, rounding, u, tol):
         return False
     if qmap == "linear":
         t = m / scale * 127
-        edge = np.floor(t) + 0.5 if rounding == "nearest" else np.floor(t) + u
+        edge = np.floor(t) + 0.5 if rounding == "nearest" else np.floor(t) + 1 - u  # floor(t + u) steps there
         return min(abs(t - edge), abs(t - edge + 1), abs(t - edge - 1)) < tol
     t = abs(m) / scale * 16129
     k = math.floor(math.sqrt(t))

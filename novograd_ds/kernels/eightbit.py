@@ -30,15 +30,15 @@ only ``q8_update_`` with ``boundary=None``.
 The maps (``qmap``), with ``t`` the element's value scaled by its block's ``A``; codes are int8 in [-127, 127]:
 
 ``linear``  ``dequant = q * (A / 127)``; ``t = m * (127 / A)``, ``q = rint(t)`` (nearest, ties to even) or
-            ``floor(t) + (u < t - floor(t))`` (stochastic).
+            ``floor(t + u)`` (stochastic); clamped to [-127, 127].
 ``sqrt``    companded, finer near zero: ``dequant = (q |q|) * (A / 16129)``; ``t = |m| * (16129 / A)`` in
-            [0, 16129], ``k = floor(sqrt(t))`` (exactly: corrected by comparing ``k*k`` with ``t``), ``r = t - k*k``;
-            the magnitude is ``k + (r >= k + 0.5)`` (nearest in value) or ``k + (u*(2k+1) < r)`` (stochastic,
-            unbiased in value); the sign is m's.
+            [0, 16129], ``k = floor(sqrt(t))`` (a correctly rounded sqrt, then ``k - 1`` where ``k*k > t``: exact);
+            the magnitude is ``k + (t >= k(k+1) + 0.5)`` (nearest in value) or ``k + (u(2k+1) < t - k*k)``
+            (stochastic, unbiased in value), at most 127; the sign is m's.
 
 ``1 / A`` factors are 0 when ``A == 0`` (an all-zero block: codes 0). Every operation is one IEEE fp32 operation
-(no FMA, correctly rounded division; the sqrt only picks ``k``, which the correction makes exact), so every
-backend gives the same codes and scales bit for bit from the same inputs.
+(no FMA, correctly rounded division and square root), so every backend gives the same codes and scales bit for bit
+from the same inputs.
 
 Stochastic rounding draws ``u`` in (0, 1) (8 bits: a byte of a 32-bit hash shared by four elements) from a
 counter-based hash of ``(seed, step, key, index)``:
@@ -299,20 +299,17 @@ def quantize(m: Tensor, inv: Tensor, qmap: str, u: Optional[Tensor] = None) -> T
     """int8 codes of fp32 ``m``; ``inv`` (from :func:`quant_inv`) broadcast to ``m``; ``u`` for stochastic rounding."""
     if qmap == "linear":
         t = m * inv
-        if u is None:
-            q = torch.round(t)                              # nearest, ties to even (rint)
-        else:
-            k = torch.floor(t)
-            q = k + (u < (t - k)).to(torch.float32)
+        q = torch.round(t) if u is None else torch.floor(t + u)  # nearest (ties to even) | stochastic
         return q.clamp_(-QMAX, QMAX).to(CODE_DTYPE)
     t = m.abs() * inv                                       # <= 16129 (1 + 2^-23); above, |q| clamps to 127
-    k = torch.floor(torch.sqrt(t))                          # any sqrt within an ulp: corrected to floor(sqrt(t))
-    k = torch.where(k * k > t, k - 1, torch.where((k + 1) * (k + 1) <= t, k + 1, k))
-    r = t - k * k
+    # floor(sqrt(t)) exactly: a correctly rounded sqrt (torch's fp32 sqrt is not: through float64, rounded once)
+    # is never below an integer it should reach; it may round up onto one, which the one correction undoes
+    k = torch.floor(torch.sqrt(t.double()).float())
+    k = torch.where(k * k > t, k - 1, k)
     if u is None:
-        up = r >= k + 0.5
+        up = t >= k * (k + 1) + 0.5                         # nearest in value: t - k^2 >= k + 1/2
     else:
-        up = u * (2 * k + 1) < r
+        up = u * (2 * k + 1) < t - k * k                    # P(up) = (t - k^2) / ((k+1)^2 - k^2): unbiased
     qm = torch.clamp(k + up.to(torch.float32), max=float(QMAX))
     return torch.where(m < 0, -qm, qm).to(CODE_DTYPE)
 

@@ -125,14 +125,11 @@ def rule_quantize(m, qmap, rounding, u=None):
     safe = np.where(a > 0, a, 1.0)
     if qmap == "linear":
         t = np.where(a > 0, m / safe * Q8_QMAX, 0.0)
-        if rounding == "nearest":
-            q = np.rint(t)
-        else:
-            q = np.floor(t) + (u < t - np.floor(t))
+        q = np.rint(t) if rounding == "nearest" else np.floor(t + u)
         return np.clip(q, -Q8_QMAX, Q8_QMAX).astype(np.int64), scales
     t = np.where(a > 0, np.abs(m) / safe * (Q8_QMAX * Q8_QMAX), 0.0)
     k = np.floor(np.sqrt(t))
-    k = np.where(k * k > t, k - 1, np.where((k + 1) ** 2 <= t, k + 1, k))
+    k = np.where(k * k > t, k - 1, np.where((k + 1) ** 2 <= t, k + 1, k))  # exactly floor(sqrt(t))
     r = t - k * k
     up = (r >= k + 0.5) if rounding == "nearest" else (u * (2 * k + 1) < r)
     qm = np.minimum(k + up, Q8_QMAX)

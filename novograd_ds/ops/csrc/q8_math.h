@@ -9,9 +9,9 @@
 //   m_old = dequant(code, scale);  update_element(g, w, m) -> w, m_new   (novograd_math.h)
 //   A = max |m_new| over the block (boundary blocks: the all-reduced value the caller passes);  code = quant(m_new, A)
 //
-// Maps: linear  m = q * (A/127),        t = m * (127/A),   q = rint(t)   | floor(t) + (u < t - floor(t))
-//       sqrt    m = (q|q|) * (A/16129), t = |m| * (16129/A), k = floor(sqrt(t)) exactly, r = t - k*k,
-//                                        |q| = k + (r >= k + 0.5)       | k + (u*(2k+1) < r),  sign of m
+// Maps: linear  m = q * (A/127),        t = m * (127/A),   q = rint(t)   | floor(t + u)
+//       sqrt    m = (q|q|) * (A/16129), t = |m| * (16129/A), k = floor(sqrt(t)) exactly,
+//                                        |q| = k + (t >= k(k+1) + 0.5)  | k + (u*(2k+1) < t - k*k),  sign of m
 // Stochastic u: 8 bits (a byte of a counter-based hash of (seed, step, layer key, element index in the layer / 4)).
 #pragma once
 
@@ -93,23 +93,15 @@ NOVOGRAD_HD int8_t quant(float m, float inv, int map, int rounding, float u) {
   float q;
   if (map == kLinear) {
     const float t = m * inv;
-    if (rounding == kNearest) {
-      q = rintf(t);  // ties to even, as torch.round
-    } else {
-      const float k = floorf(t);
-      q = k + (u < t - k ? 1.0f : 0.0f);
-    }
+    q = rounding == kNearest ? rintf(t) : floorf(t + u);  // rint: ties to even, as torch.round
     q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
   } else {
     const float t = fabsf(m) * inv;  // <= 16129 (1 + 2^-23); above, |q| clamps to 127
+    // k = floor(sqrt(t)) exactly: sqrtf is correctly rounded (IEEE; nvcc's default -prec-sqrt=true), so it never
+    // falls below an integer it should reach, but may round up onto one, which the correction undoes
     float k = floorf(sqrtf(t));
-    // k = floor(sqrt(t)) exactly, whatever the sqrt's last bit: k*k and (k+1)^2 are exact in fp32
-    if (k * k > t)
-      k = k - 1.0f;
-    else if ((k + 1.0f) * (k + 1.0f) <= t)
-      k = k + 1.0f;
-    const float r = t - k * k;
-    const bool up = rounding == kNearest ? (r >= k + 0.5f) : (u * (2.0f * k + 1.0f) < r);
+    if (k * k > t) k = k - 1.0f;
+    const bool up = rounding == kNearest ? (t >= k * (k + 1.0f) + 0.5f) : (u * (2.0f * k + 1.0f) < t - k * k);
     float qm = k + (up ? 1.0f : 0.0f);
     qm = qm > 127.0f ? 127.0f : qm;
     q = m < 0.0f ? -qm : qm;

@@ -120,31 +120,26 @@ inline vfloat uniform_vec(const uint8_t* bytes) {
   return vmul(vadd(vload_u8(bytes), vset1(0.5f)), vset1(1.0f / 256.0f));
 }
 
-// q8::quant of W values, as integral fp32 codes.
+// q8::quant of W values m, stored as W codes at q: the same operations lane by lane (the linear map's rint and
+// floor are done by the conversion to integers, exactly; its clamps by a max at -127 and the saturating pack).
 template <int kMap, int kRound>
-inline vfloat code_vec(vfloat m, vfloat inv, vfloat u) {
-  const vfloat one = vset1(1.0f), zero = vzero(), qmax = vset1(127.0f);
+inline void store_codes(int8_t* q, vfloat m, vfloat inv, vfloat u) {
   if (kMap == q8::kLinear) {
     const vfloat t = vmul(m, inv);
-    vfloat code;
-    if (kRound == q8::kNearest) {
-      code = vrint(t);
-    } else {
-      const vfloat k = vfloor(t);
-      code = vadd(k, vselect(vlt(u, vsub(t, k)), one, zero));
-    }
-    return vmax(vmin(code, qmax), vsub(zero, qmax));
+    if (kRound == q8::kNearest)
+      vstore_codes_rint(q, t);
+    else
+      vstore_codes_floor(q, vadd(t, u));
+    return;
   }
+  const vfloat one = vset1(1.0f), zero = vzero();
   const vfloat t = vmul(vabs(m), inv);
-  vfloat k = vfloor(vsqrt(t));
-  const vfloat k1 = vadd(k, one);
-  k = vselect(vgt(vmul(k, k), t), vsub(k, one), vselect(vle(vmul(k1, k1), t), k1, k));
-  const vfloat r = vsub(t, vmul(k, k));
-  const vmask up = kRound == q8::kNearest ? vge(r, vadd(k, vset1(0.5f)))
-                                          : vlt(vmul(u, vadd(vmul(vset1(2.0f), k), one)), r);
-  vfloat qm = vadd(k, vselect(up, one, zero));
-  qm = vselect(vgt(qm, qmax), qmax, qm);
-  return vselect(vlt(m, zero), vsub(zero, qm), qm);
+  vfloat k = vfloor(vsqrt(t));                               // vsqrtps is correctly rounded
+  k = vselect(vgt(vmul(k, k), t), vsub(k, one), k);         // exactly floor(sqrt(t))
+  const vmask up = kRound == q8::kNearest ? vge(t, vadd(vmul(k, vadd(k, one)), vset1(0.5f)))
+                                          : vlt(vmul(u, vadd(vmul(vset1(2.0f), k), one)), vsub(t, vmul(k, k)));
+  const vfloat qm = vmin(vadd(k, vselect(up, one, zero)), vset1(127.0f));
+  vstore_codes_rint(q, vselect(vlt(m, zero), vsub(zero, qm), qm));
 }
 
 constexpr int kVecsPerBlock = static_cast<int>(q8::kBlock) / W;
@@ -172,19 +167,13 @@ inline float full_block(float* w, const G* g, int8_t* q, int64_t lo, const VCons
   }
   const float a = given.given ? given.value : vmax_all(vmx);
   const vfloat inv = vset1(q8::quant_inv(a, kMap));
-  if (kMap == q8::kLinear && kRound == q8::kNearest) {  // rint(m * inv) in the conversion itself
-#pragma GCC unroll 32
-    for (int k = 0; k < kVecsPerBlock; ++k) vstore_codes_rint(q + lo + k * W, vmul(mn[k], inv));
-    return a;
-  }
   alignas(64) uint32_t words[q8::kBlock / 4];
   if (kRound == q8::kStochastic) block_random_bytes(ib, index0, words);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);
 #pragma GCC unroll 32
-  for (int k = 0; k < kVecsPerBlock; ++k) {
-    const vfloat u = kRound == q8::kStochastic ? uniform_vec(bytes + k * W) : vzero();
-    vstore_codes(q + lo + k * W, code_vec<kMap, kRound>(mn[k], inv, u));
-  }
+  for (int k = 0; k < kVecsPerBlock; ++k)
+    store_codes<kMap, kRound>(q + lo + k * W, mn[k], inv,
+                              kRound == q8::kStochastic ? uniform_vec(bytes + k * W) : vzero());
   return a;
 }
 #endif
@@ -224,10 +213,9 @@ float part_block(float* w, const G* g, int8_t* q, int64_t lo, int64_t hi, float 
   if (kRound == q8::kStochastic)  // a partial block: its elements' u one by one (at most two such blocks per run)
     for (int64_t e = lo; e < hi; ++e) ubuf[e - lo] = q8::uniform(ib, index0 + (e - lo));
   const vfloat vinv = vset1(inv);
-  for (; i + W <= hi; i += W) {
-    const vfloat u = kRound == q8::kStochastic ? vload(ubuf + (i - lo)) : vzero();
-    vstore_codes(q + i, code_vec<kMap, kRound>(vload(buf + (i - lo)), vinv, u));
-  }
+  for (; i + W <= hi; i += W)
+    store_codes<kMap, kRound>(q + i, vload(buf + (i - lo)), vinv,
+                              kRound == q8::kStochastic ? vload(ubuf + (i - lo)) : vzero());
 #endif
   for (; i < hi; ++i) {
     const float u = kRound == q8::kStochastic ? q8::uniform(ib, index0 + (i - lo)) : 0.0f;

@@ -55,13 +55,16 @@ inline float vmax_all(vfloat x) { return _mm512_reduce_max_ps(x); }
 inline vfloat vload_codes(const int8_t* p) {  // W int8 codes -> fp32, exact
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-inline void vstore_codes(int8_t* p, vfloat x) {  // integral fp32 in [-127, 127] -> W int8 codes
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(x)));
-}
 // rint(x) clamped to [-127, 127] as W int8 codes, for |x| <= 2^31: cvtps2dq rounds to nearest even (the MXCSR
 // default, which torch keeps), the max clamps at -127 and the saturating pack at 127.
 inline void vstore_codes_rint(int8_t* p, vfloat x) {
   const __m512i i = _mm512_max_epi32(_mm512_cvtps_epi32(x), _mm512_set1_epi32(-127));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(i));
+}
+// floor(x) clamped to [-127, 127] as W int8 codes, the floor done by the conversion (AVX-512 embedded rounding).
+inline void vstore_codes_floor(int8_t* p, vfloat x) {
+  const __m512i i = _mm512_max_epi32(_mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                     _mm512_set1_epi32(-127));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(i));
 }
 inline vint vi_set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
@@ -121,16 +124,12 @@ inline float vmax_all(vfloat x) {
 inline vfloat vload_codes(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-inline void vstore_codes(int8_t* p, vfloat x) {
-  const __m256i i = _mm256_cvtps_epi32(x);
-  const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w16, w16));
-}
 inline void vstore_codes_rint(int8_t* p, vfloat x) {
   const __m256i i = _mm256_max_epi32(_mm256_cvtps_epi32(x), _mm256_set1_epi32(-127));
   const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w16, w16));
 }
+inline void vstore_codes_floor(int8_t* p, vfloat x) { vstore_codes_rint(p, _mm256_floor_ps(x)); }
 inline vint vi_set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
 inline vint vi_iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline vint vi_add(vint a, vint b) { return _mm256_add_epi32(a, b); }

@@ -20,6 +20,10 @@ constexpr int64_t kChunk = 1 << 16;  // elements per work item of the norm pass:
 // fp32 lane adds up more than kSub / W terms. What the quarters leave over goes through one stream, then the
 // scalar tail. Fixed order for a given n: deterministic.
 constexpr int64_t kSub = 256;
+#ifndef NOVOGRAD_NORM_PREFETCH
+#define NOVOGRAD_NORM_PREFETCH 512
+#endif
+constexpr int64_t kNormPrefetch = NOVOGRAD_NORM_PREFETCH;  // elements ahead of each stream
 
 template <typename G>
 inline double chunk_sq_sum(const G* g, int64_t n) {
@@ -33,6 +37,12 @@ inline double chunk_sq_sum(const G* g, int64_t n) {
   for (int64_t j = 0; j < q; j += kSub) {
     vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
     for (int64_t k = j; k < j + kSub; k += W) {
+      if (((k * static_cast<int64_t>(sizeof(G))) & 63) == 0) {  // one hint per cache line and stream
+        _mm_prefetch(reinterpret_cast<const char*>(g + k + kNormPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(g1 + k + kNormPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(g2 + k + kNormPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(g3 + k + kNormPrefetch), _MM_HINT_T0);
+      }
       const vfloat x0 = vload(g + k), x1 = vload(g1 + k), x2 = vload(g2 + k), x3 = vload(g3 + k);
       acc0 = vadd(acc0, vmul(x0, x0));
       acc1 = vadd(acc1, vmul(x1, x1));
