@@ -143,7 +143,7 @@ def run_error(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = NovoGrad(params, lr=args.lr, betas=(0.95, 0.98), weight_decay=1e-3, foreach=True)
     quant = [i for i, p in enumerate(params) if p.numel() >= eb.MIN_QUANTIZED_NUMEL]
-    variants = [v for v in VARIANTS if v != "fp32" and not v.endswith("-wdq")]
+    variants = [v for v in (args.variants or VARIANTS) if v != "fp32" and not v.endswith(("-wdq", "-noemb"))]
     shadow = {v: {i: torch.zeros_like(params[i]) for i in quant} for v in variants}
     report_at = sorted({1, 2, 5, 10, 20, 50, 100, 200, args.steps} & set(range(1, args.steps + 1)))
     rows = []
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     e.add_argument("--lr", type=float, default=0.01)
     e.add_argument("--seq-len", type=int, default=128)
     e.add_argument("--micro-batch", type=int, default=16)
+    e.add_argument("--variants", type=lambda s: s.split(","), default=None)
     t = sub.add_parser("train")
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=300)
