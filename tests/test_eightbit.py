@@ -358,8 +358,6 @@ def test_cuda_op_agrees_with_the_cpu_backends_bit_for_bit(qmap, rounding, gdtype
     q8 = eb.Q8Config(qmap, rounding, seed=7)
     cuda = _steps(load_backend(torch.device("cuda")), RUNS, gdtype, q8, False, device="cuda")
     assert _equal(cuda, _steps(ForeachBackend(), RUNS, gdtype, q8, False))
-    whole, pieces, ws, qs, ss = _layer_in_pieces(ForeachBackend(), q8, [0, 1000, 1100, 40000, 70001], 70001)
-    assert torch.equal(torch.cat(ws), whole[0])
 
 
 @pytest.mark.gpu
