@@ -8,6 +8,12 @@ foreach path, torch AdamW(fused=True), DeepSpeedCPUAdam (skipped with a note if 
 torch-optimizer NovoGrad, apex FusedNovoGrad (only if importable; it is CUDA-only). The floor is NovoGrad's
 24 bytes/param (read g twice, read w and m, write w and m) at the best streaming bandwidth measured in this
 run (torch.add(a, b, out=c), a.add_(b) and copy_ over 256 MiB arrays, interleaved with the steps).
+
+8-bit rows (``--eightbit``, on by default; NOTE: [8-bit moment]): the fused op's 8-bit NovoGrad step for each map and
+rounding, driven through the kernel seam the way the plain path steps (one ``q8_layer_step_`` call for the tensors of
+>= 4096 elements and one fp32 ``layer_step_`` for the others, each a layer at a time: norm, second moment, update),
+with its state as the 8-bit layout allocates it. It moves 18 bytes per parameter (read g twice, read and write w and the codes)
+against AdamW's 28 (read g, w, m, v; write w, m, v); its floor is 18 B/param at the same bandwidth.
 """
 
 from __future__ import annotations
@@ -25,6 +31,51 @@ os.environ.setdefault("NOVOGRAD_DS_AUTOREGISTER", "0")
 import torch  # noqa: E402
 
 BYTES_PER_PARAM = 24
+BYTES_PER_PARAM_8BIT = 18  # + 2 x 4/256 for the block scales
+BYTES_PER_PARAM_ADAMW = 28
+EIGHTBIT_VARIANTS = (("linear", "nearest"), ("linear", "stochastic"), ("sqrt", "nearest"), ("sqrt", "stochastic"))
+
+
+class EightBitNovoGrad:
+    """NovoGrad with the 8-bit moment on the fused CPU op, the plain path (whole tensors), as the optimizer will
+    drive the kernels: per-layer second moments in fp32, 8-bit codes + block scales for tensors of at least
+    MIN_QUANTIZED_NUMEL elements, an fp32 exp_avg for the others. Benchmark driver only (no param groups)."""
+
+    def __init__(self, params, *, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0.0, qmap="linear",
+                 rounding="nearest"):
+        from novograd_ds.kernels import eightbit as eb
+        from novograd_ds.kernels.native import load_backend
+
+        self.eb, self.backend = eb, load_backend(torch.device("cpu"))
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.q8 = eb.Q8Config(qmap, rounding, seed=0)
+        params = list(params)
+        self.big = [p for p in params if p.numel() >= eb.MIN_QUANTIZED_NUMEL]
+        self.small = [p for p in params if p.numel() < eb.MIN_QUANTIZED_NUMEL]
+        self.codes = [torch.zeros(p.numel(), dtype=eb.CODE_DTYPE) for p in self.big]
+        self.scales = [torch.zeros(eb.n_blocks(0, p.numel())) for p in self.big]
+        self.exp_avg = [torch.zeros_like(p) for p in self.small]
+        self.vs = [torch.zeros(()) for _ in params]  # exp_avg_sq of each tensor: big ones first, then small
+        self.runs = eb.Q8Runs.plain([p.numel() for p in self.big])
+        self.k = 0
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.codes, *self.scales, *self.exp_avg, *self.vs))
+
+    @torch.no_grad()
+    def step(self):
+        from novograd_ds.optimizer import step_factors
+
+        self.k += 1
+        a1, c1, a2, c2 = step_factors(self.k, self.betas[0], self.betas[1], False)
+        nb = len(self.big)
+        # one call per kind of state, each a layer at a time (norm, v, update): NOTE: [8-bit layer at a time]
+        kw = dict(lr=self.lr, a1=a1, c1=c1, a2=a2, c2=c2, eps=self.eps, weight_decay=self.wd, decoupled=False)
+        done = self.backend.q8_layer_step_([p.data for p in self.big], [p.grad for p in self.big], self.codes,
+                                           self.scales, self.vs[:nb], None, self.runs, q8=self.q8, step=self.k, **kw)
+        done = done and self.backend.layer_step_([p.data for p in self.small], [p.grad for p in self.small],
+                                                 self.exp_avg, self.vs[nb:], None, **kw)
+        assert done, "the fused CPU op did not take the 8-bit step"
 
 
 def transformer_shapes(target: float) -> list[tuple[int, ...]]:
@@ -51,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--params", type=float, default=25e6)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-eightbit", dest="eightbit", action="store_false", help="skip the 8-bit NovoGrad rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -82,6 +134,10 @@ def main(argv=None) -> int:
 
     add("novograd_ds fused", fused)
     add("novograd_ds foreach", lambda p: NovoGrad(p, lr=1e-3, weight_decay=1e-3, foreach=True))
+    if args.eightbit:
+        for qmap, rounding in EIGHTBIT_VARIANTS:
+            add(f"novograd_ds fused 8-bit {qmap}/{rounding}",
+                lambda p, m=qmap, r=rounding: EightBitNovoGrad(p, lr=1e-3, weight_decay=1e-3, qmap=m, rounding=r))
     add("torch AdamW fused=True", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-3, fused=True))
 
     def ds_cpu_adam(params):
@@ -139,13 +195,25 @@ def main(argv=None) -> int:
         print(f"# {note}")
 
     f = rows.get("novograd_ds fused")
+    adamw = rows.get("torch AdamW fused=True")
     if f is not None:
         print("ratios (target):")
-        if "torch AdamW fused=True" in rows:
-            print(f"  fused / AdamW-fused          {f / rows['torch AdamW fused=True']:.3f}  (<= 0.80)")
+        if adamw is not None:
+            print(f"  fused / AdamW-fused          {f / adamw:.3f}  (<= 0.80)")
         if "torch-optimizer NovoGrad" in rows:
             print(f"  torch-optimizer / fused      {rows['torch-optimizer NovoGrad'] / f:.2f}   (>= 3)")
         print(f"  fused / floor                {f / floor:.3f}  (<= 1.15)")
+    eight = [k for k in rows if "8-bit" in k]
+    if eight:
+        print(f"8-bit NovoGrad ({BYTES_PER_PARAM_8BIT} B/param moved, state "
+              f"{opts[eight[0]].state_bytes() / n_params:.3f} B/param; AdamW {BYTES_PER_PARAM_ADAMW} B/param moved, "
+              f"state 8 B/param; floor at 18 B/param {BYTES_PER_PARAM_8BIT * n_params / bw * 1e3:.2f} ms):")
+        for k in eight:
+            line = f"  {k.replace('novograd_ds fused 8-bit ', ''):20s} {rows[k] * 1e3:7.2f} ms"
+            if adamw is not None:
+                line += f"   / AdamW-fused {rows[k] / adamw:.3f} (<= 0.70)"
+            line += f"   / floor {rows[k] / (BYTES_PER_PARAM_8BIT * n_params / bw):.3f}"
+            print(line)
     return 0
 
 

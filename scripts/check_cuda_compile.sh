@@ -19,18 +19,20 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 "$nvcc" --version | tail -n 1
-for arch in 80 90; do
-  "$nvcc" -c "$csrc/cuda/novograd_cuda.cu" -I "$csrc" -std=c++17 -O3 --fmad=false \
-    -gencode "arch=compute_${arch},code=sm_${arch}" -Werror all-warnings -Xcompiler -Wall,-Werror \
-    -Xptxas -v -o "$out/novograd_cuda_sm${arch}.o" 2> "$out/ptxas_sm${arch}.txt" || { cat "$out/ptxas_sm${arch}.txt" >&2; exit 1; }
-  # The launch tables are kernel arguments read in place: a kernel that copies one to local memory (a stack
-  # frame) or spills would be slow. ptxas -v says so per kernel.
-  if grep -E "[1-9][0-9]* bytes (stack frame|spill)" "$out/ptxas_sm${arch}.txt" >&2; then
-    echo "check_cuda_compile: sm_${arch}: a kernel uses a stack frame or spills (ptxas -v above)" >&2
-    exit 1
-  fi
-  kernels=$(grep -c "Compiling entry function" "$out/ptxas_sm${arch}.txt")
-  echo "check_cuda_compile: sm_${arch} ok ($(stat -c %s "$out/novograd_cuda_sm${arch}.o") bytes, $kernels kernels, no stack frame or spill)"
+for src in novograd_cuda novograd_q8; do
+  for arch in 80 90; do
+    "$nvcc" -c "$csrc/cuda/$src.cu" -I "$csrc" -std=c++17 -O3 --fmad=false \
+      -gencode "arch=compute_${arch},code=sm_${arch}" -Werror all-warnings -Xcompiler -Wall,-Werror \
+      -Xptxas -v -o "$out/${src}_sm${arch}.o" 2> "$out/ptxas_${src}_sm${arch}.txt" || { cat "$out/ptxas_${src}_sm${arch}.txt" >&2; exit 1; }
+    # The launch tables are kernel arguments read in place: a kernel that copies one to local memory (a stack
+    # frame) or spills would be slow. ptxas -v says so per kernel.
+    if grep -E "[1-9][0-9]* bytes (stack frame|spill)" "$out/ptxas_${src}_sm${arch}.txt" >&2; then
+      echo "check_cuda_compile: $src.cu sm_${arch}: a kernel uses a stack frame or spills (ptxas -v above)" >&2
+      exit 1
+    fi
+    kernels=$(grep -c "Compiling entry function" "$out/ptxas_${src}_sm${arch}.txt")
+    echo "check_cuda_compile: $src.cu sm_${arch} ok ($(stat -c %s "$out/${src}_sm${arch}.o") bytes, $kernels kernels, no stack frame or spill)"
+  done
 done
 
 if [[ "${1:-}" == "--with-bindings" ]]; then

@@ -1,5 +1,7 @@
-"""The float64 rule, the tests' oracle: one copy, in novograd_ds/testing/rule.py (``env --check`` uses it too)."""
+"""The float64 rule, the tests' oracle: one copy, in novograd_ds/testing/rule.py (``env --check`` uses it too).
 
-from novograd_ds.testing.rule import RuleOptimizer, rule_step
+Its 8-bit form (NOTE: [8-bit moment]): ``rule_step_8bit``, ``RuleOptimizer(state_bits=8, q8=...)``."""
 
-__all__ = ["RuleOptimizer", "rule_step"]
+from novograd_ds.testing.rule import RuleOptimizer, rule_step, rule_step_8bit, rule_uniform
+
+__all__ = ["RuleOptimizer", "rule_step", "rule_step_8bit", "rule_uniform"]

@@ -22,6 +22,23 @@ NOTE: [the kernel seam] Every backend implements the same two operations, and no
 Each backend also has segment forms (``sq_norms_segments`` / ``update_segments_``) that work on one flat
 tensor cut into ``(offset, length, layer)`` segments; the defaults in :class:`KernelBackend` build views and
 call the list forms. A native backend overrides them with one call.
+
+8-bit state (NOTE: [8-bit moment] in eightbit.py): the first moment of a tensor or run as int8 ``codes`` (one per
+element) and fp32 ``scales`` (one per block of 256 elements of the layer that the run touches). Two more operations,
+each with a segment form; ``sq_norms`` and the second moment are unchanged::
+
+    q8_boundary_absmax(params, grads, codes, scales, denoms, runs, *, beta1, grad_scale, weight_decay, decoupled, q8)
+        -> fp32 [n, 2]: each run's local max |m_new| over its first and last block where that block is partial
+           (0 where it is not). The caller all-reduces it with MAX over the ranks that share blocks.
+    q8_update_(params, grads, codes, scales, denoms, runs, boundary, *, lr, beta1, grad_scale, weight_decay,
+               decoupled, q8, step)
+        dequantise, update m and w (w from the fp32 m_new), new block scales (boundary blocks: the all-reduced
+        values in ``boundary``, None when no run has a partial block), quantise. ``q8`` is an
+        :class:`eightbit.Q8Config` (map, rounding, seed), ``step`` the layers' step count (stochastic rounding).
+
+``runs`` is an :class:`eightbit.Q8Runs` (per tensor: start in its layer, the layer's size, the layer's key); the
+segment forms take an :class:`eightbit.Q8SegmentTable` instead of ``runs``, a flat int8 codes tensor parallel to
+the flat parameter, and a flat fp32 scales tensor holding each run's scales at its ``scale_offsets`` entry.
 """
 
 from __future__ import annotations
@@ -85,6 +102,34 @@ class KernelBackend:
             denoms,
             **scalars,
         )
+
+
+    # -- 8-bit state (NOTE: [8-bit moment] in eightbit.py) ------------------------------------------------
+    def q8_boundary_absmax(self, params, grads, codes, scales, denoms, runs, *, beta1, grad_scale, weight_decay,
+                           decoupled, q8) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError(f"the {self.name} backend has no 8-bit state")
+
+    def q8_update_(self, params, grads, codes, scales, denoms, runs, boundary=None, *, lr, beta1, grad_scale,
+                   weight_decay, decoupled, q8, step) -> None:  # pragma: no cover - interface
+        raise NotImplementedError(f"the {self.name} backend has no 8-bit state")
+
+    def q8_boundary_absmax_segments(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                                    **scalars) -> Tensor:
+        """:meth:`q8_boundary_absmax` on every run of a :class:`eightbit.Q8SegmentTable`: fp32 ``[len(table), 2]``."""
+        if not len(table):
+            return torch.zeros(0, 2, dtype=torch.float32, device=flat_param.device)
+        denoms = layer_denoms.index_select(0, table.layer_index(layer_denoms.device))
+        return self.q8_boundary_absmax(table.views(flat_param), table.views(flat_grad), table.views(flat_codes),
+                                       table.scale_views(flat_scales), denoms, table.runs, **scalars)
+
+    def q8_update_segments_(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                            boundary=None, **scalars) -> None:
+        """:meth:`q8_update_` on every run of a :class:`eightbit.Q8SegmentTable`."""
+        if not len(table):
+            return
+        denoms = layer_denoms.index_select(0, table.layer_index(layer_denoms.device))
+        self.q8_update_(table.views(flat_param), table.views(flat_grad), table.views(flat_codes),
+                        table.scale_views(flat_scales), denoms, table.runs, boundary, **scalars)
 
 
 class SegmentTable:

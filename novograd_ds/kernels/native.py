@@ -25,10 +25,12 @@ import os
 import warnings
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import KernelBackend, SegmentTable
+from . import eightbit as eb
 from .foreach import ForeachBackend
 
 logger = logging.getLogger("novograd_ds")
@@ -61,6 +63,7 @@ class FusedBackend(KernelBackend):
         self.strict = strict
         self._fallback = ForeachBackend()
         self._device_ok: dict[torch.device, bool] = {}
+        self._q8_device_ok: dict[torch.device, bool] = {}
 
     def _checked(self, device: torch.device) -> bool:
         """Whether the op passed its self-check on ``device`` (run on first use there); raises when strict."""
@@ -72,6 +75,18 @@ class FusedBackend(KernelBackend):
                     raise NativeOpUnavailable(_self_check_error(why))
                 _warn_once(f"self-check:{device}", _fallback_message(device, why))
             ok = self._device_ok[device] = why is None
+        return ok
+
+    def _q8_checked(self, device: torch.device) -> bool:
+        """Whether the op's 8-bit entry points passed their self-check on ``device`` (NOTE: [8-bit self-check])."""
+        ok = self._q8_device_ok.get(device)
+        if ok is None:
+            why = check_device_q8(self.module, device)
+            if why is not None:
+                if self.strict:
+                    raise NativeOpUnavailable(_self_check_error(why))
+                _warn_once(f"q8-self-check:{device}", _fallback_message(device, why))
+            ok = self._q8_device_ok[device] = why is None
         return ok
 
     def __repr__(self) -> str:
@@ -170,6 +185,110 @@ class FusedBackend(KernelBackend):
             float(scalars["beta1"]), float(scalars["grad_scale"]), float(scalars["weight_decay"]),
             bool(scalars["decoupled"]),
         )
+
+
+    # -- 8-bit state (NOTE: [8-bit moment] in eightbit.py) ---------------------------------------------------
+    def _q8_native(self, name: str, grads, states, codes) -> Optional[Any]:
+        """The op's entry point ``name`` when it can take these tensors, else None (the foreach path)."""
+        fn = getattr(self.module, name, None)
+        if fn is None:
+            if self.strict:
+                raise NativeOpUnavailable(f"NovoGrad(fused=True): this build of the fused op has no {name}; rebuild it "
+                                          f"({_SEE_ENV})")
+            return None
+        if self._unsupported(grads, states) is not None:
+            return None
+        if any(c.dtype != eb.CODE_DTYPE or not c.is_contiguous() or c.device.type != self.device_type for c in codes):
+            return None
+        if not self._q8_checked(grads[0].device):
+            return None
+        return fn
+
+    @staticmethod
+    def _q8_runs_tensor(runs: "eb.Q8Runs", numels) -> Tensor:
+        key = tuple(numels)
+        cached = getattr(runs, "_novograd_native_table", None)
+        if cached is None or cached[0] != key:
+            cached = (key, runs.as_tensor(numels))
+            runs._novograd_native_table = cached
+        return cached[1]
+
+    @staticmethod
+    def _q8_table(table: "eb.Q8SegmentTable") -> Tensor:
+        t = getattr(table, "_novograd_native_table", None)
+        if t is None:
+            t = table._novograd_native_table = table.as_tensor()
+        return t
+
+    def q8_boundary_absmax(self, params, grads, codes, scales, denoms, runs, *, beta1, grad_scale, weight_decay,
+                           decoupled, q8):
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        fn = self._q8_native("q8_boundary_absmax", grads, params + scales, codes) if params else None
+        if fn is None:
+            return self._fallback.q8_boundary_absmax(params, grads, codes, scales, denoms, runs, beta1=beta1,
+                                                     grad_scale=grad_scale, weight_decay=weight_decay,
+                                                     decoupled=decoupled, q8=q8)
+        d = denoms.to(device=params[0].device, dtype=torch.float32).contiguous()
+        return fn(params, grads, codes, scales, d, self._q8_runs_tensor(runs, [g.numel() for g in grads]),
+                  float(beta1), float(grad_scale), float(weight_decay), bool(decoupled), q8.map_id)
+
+    def q8_update_(self, params, grads, codes, scales, denoms, runs, boundary=None, *, lr, beta1, grad_scale,
+                   weight_decay, decoupled, q8, step):
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        if not params:
+            return
+        fn = self._q8_native("q8_update", grads, params + scales, codes)
+        if fn is None:
+            return self._fallback.q8_update_(params, grads, codes, scales, denoms, runs, boundary, lr=lr, beta1=beta1,
+                                             grad_scale=grad_scale, weight_decay=weight_decay, decoupled=decoupled,
+                                             q8=q8, step=step)
+        d = denoms.to(device=params[0].device, dtype=torch.float32).contiguous()
+        fn(params, grads, codes, scales, d, self._q8_runs_tensor(runs, [g.numel() for g in grads]), boundary, float(lr),
+           float(beta1), float(grad_scale), float(weight_decay), bool(decoupled), q8.map_id, q8.rounding_id,
+           int(q8.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF)
+
+    def q8_layer_step_(self, params, grads, codes, scales, vs, vmaxs, runs, *, lr, a1, c1, a2, c2, eps, weight_decay,
+                       decoupled, q8, step) -> bool:
+        """The 8-bit plain-path step of whole tensors in one call (NOTE: [8-bit layer at a time]): per tensor its
+        norm, its second moment (``vs``/``vmaxs``: 0-dim fp32 ``exp_avg_sq``/``max_exp_avg_sq``, updated in place
+        as :func:`novograd_ds.optimizer.second_moment_` would) and its 8-bit update. False when the op cannot take
+        these tensors (then use sq_norms, second_moment_ and q8_update_)."""
+        params, grads, codes, scales = list(params), list(grads), list(codes), list(scales)
+        if not params:
+            return False
+        fn = self._q8_native("q8_layer_step", grads, params + scales + list(vs) + list(vmaxs or ()), codes)
+        if fn is None:
+            return False
+        fn(params, grads, codes, scales, list(vs), list(vmaxs or ()), self._q8_runs_tensor(runs, [g.numel() for g in grads]),
+           float(lr), float(a1), float(c1), float(a2), float(c2), float(eps), float(weight_decay), bool(decoupled),
+           q8.map_id, q8.rounding_id, int(q8.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF)
+        return True
+
+    def q8_boundary_absmax_segments(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                                    **scalars):
+        fn = self._q8_native("q8_boundary_absmax_segments", [flat_grad], [flat_param, flat_scales], [flat_codes])
+        if fn is None:
+            return super().q8_boundary_absmax_segments(flat_param, flat_grad, flat_codes, flat_scales, table,
+                                                       layer_denoms, **scalars)
+        d = layer_denoms.to(device=flat_param.device, dtype=torch.float32).contiguous()
+        return fn(flat_param, flat_grad, flat_codes, flat_scales, self._q8_table(table), d, float(scalars["beta1"]),
+                  float(scalars["grad_scale"]), float(scalars["weight_decay"]), bool(scalars["decoupled"]),
+                  scalars["q8"].map_id)
+
+    def q8_update_segments_(self, flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms, boundary=None,
+                            **scalars) -> None:
+        if not len(table):
+            return
+        fn = self._q8_native("q8_update_segments", [flat_grad], [flat_param, flat_scales], [flat_codes])
+        if fn is None:
+            return super().q8_update_segments_(flat_param, flat_grad, flat_codes, flat_scales, table, layer_denoms,
+                                               boundary, **scalars)
+        d = layer_denoms.to(device=flat_param.device, dtype=torch.float32).contiguous()
+        q8 = scalars["q8"]
+        fn(flat_param, flat_grad, flat_codes, flat_scales, self._q8_table(table), d, boundary, float(scalars["lr"]),
+           float(scalars["beta1"]), float(scalars["grad_scale"]), float(scalars["weight_decay"]),
+           bool(scalars["decoupled"]), q8.map_id, q8.rounding_id, int(q8.seed) & 0xFFFFFFFF,
+           int(scalars["step"]) & 0xFFFFFFFF)
 
 
 # -- loading, rank-local ------------------------------------------------------------------------------------
@@ -424,6 +543,87 @@ def self_check(module: Any, device: Union[torch.device, str]) -> list[CheckResul
         else:
             results.append(CheckResult(name, device, float("nan"), tol, error=r))
     return results
+
+
+# NOTE: [8-bit self-check] Before the op's 8-bit entry points are first used on a device they run a small fixed
+# problem next to the foreach backend there: runs of 4096 and 5000 elements (whole tensors) and three pieces of one
+# layer of 1300 elements cut inside blocks (the boundary pass, a MAX over the pieces, the update), both maps, both
+# roundings, fp32 and bf16 gradients, two steps. The backends compute the same IEEE operations, so the results
+# should agree bit for bit; the check allows a code one apart in 1e-3 of the codes (an ulp of difference in m at a
+# code boundary) and 1e-6 normwise on w and the scales. A wrong kernel is off in most codes. About 20 ms on a CPU.
+Q8_SELF_CHECK_TOLERANCE = {"codes": 1e-3, "w": 1e-6, "scales": 1e-6}
+_Q8_CHECK_PIECES = ((0, 500), (500, 513), (513, 1300))
+_q8_checks: dict[tuple[int, str], tuple[Any, Optional[str]]] = {}
+
+
+def check_device_q8(module: Any, device: torch.device) -> Optional[str]:
+    """The 8-bit self-check of ``module`` on ``device``, once per module and device: None when it passed."""
+    key = (id(module), str(device))
+    entry = _q8_checks.get(key)
+    if entry is None or entry[0] is not module:
+        failed = [r for r in self_check_q8(module, device) if not r.passed]
+        entry = _q8_checks[key] = (module, failed[0].describe() if failed else None)
+    return entry[1]
+
+
+def self_check_q8(module: Any, device: Union[torch.device, str]) -> list[CheckResult]:
+    """Every comparison of NOTE: [8-bit self-check]: the op's 8-bit entry points against foreach on ``device``."""
+    device = _resolve(device)
+    foreach = ForeachBackend()
+    results = []
+    gen = torch.Generator().manual_seed(20250101)
+    sizes, L = (4096, 5000), 1300
+    w0 = [torch.randn(n, generator=gen) for n in (*sizes, L)]
+    g0 = [[torch.randn(n, generator=gen) * 0.1 for n in (*sizes, L)] for _ in range(2)]
+    op = FusedBackend(module, device.type, strict=False)
+    op._q8_device_ok[device] = True  # the op itself, unchecked, inside its own check
+    for qmap in eb.MAPS:
+        for rounding in eb.ROUNDINGS:
+            for gd in (torch.float32, torch.bfloat16):
+                name = f"q8 {qmap}/{rounding} {str(gd).replace('torch.', '')}"
+                try:
+                    a = _q8_check_run(op, device, qmap, rounding, gd, w0, g0, sizes, L)
+                    b = _q8_check_run(foreach, device, qmap, rounding, gd, w0, g0, sizes, L)
+                    codes = float(np.mean([float((x != y).double().mean()) for x, y in zip(a["codes"], b["codes"])]))
+                    far = any(bool(((x.int() - y.int()).abs() > 1).any()) for x, y in zip(a["codes"], b["codes"]))
+                    w = float(_rel_normwise(a["w"], b["w"]))
+                    sc = float(_rel_normwise(a["scales"], b["scales"]))
+                    worst = max(codes / Q8_SELF_CHECK_TOLERANCE["codes"], w / Q8_SELF_CHECK_TOLERANCE["w"],
+                                sc / Q8_SELF_CHECK_TOLERANCE["scales"], 2.0 if far else 0.0)
+                    results.append(CheckResult(name, device, worst, 1.0))
+                except Exception as exc:  # a kernel that cannot run here fails its check
+                    results.append(CheckResult(name, device, float("nan"), 1.0,
+                                               error=f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+    return results
+
+
+def _q8_check_run(backend, device, qmap, rounding, gd, w0, g0, sizes, L) -> dict:
+    q8 = eb.Q8Config(qmap, rounding, seed=3)
+    w = [x.clone().to(device) for x in w0[: len(sizes)]]
+    codes = [torch.zeros(n, dtype=eb.CODE_DTYPE, device=device) for n in sizes]
+    scales = [torch.zeros(eb.n_blocks(0, n), device=device) for n in sizes]
+    pw = [w0[-1][a:b].clone().to(device) for a, b in _Q8_CHECK_PIECES]
+    pq = [torch.zeros(b - a, dtype=eb.CODE_DTYPE, device=device) for a, b in _Q8_CHECK_PIECES]
+    ps = [torch.zeros(eb.n_blocks(a, b - a), device=device) for a, b in _Q8_CHECK_PIECES]
+    pruns = eb.Q8Runs([a for a, _ in _Q8_CHECK_PIECES], [L] * len(_Q8_CHECK_PIECES), [9] * len(_Q8_CHECK_PIECES))
+    for k, gs in enumerate(g0, start=1):
+        kw = dict(beta1=0.0 if k == 1 else 0.9, grad_scale=1.0, weight_decay=0.01, decoupled=k == 2, q8=q8)
+        g = [x.to(device=device, dtype=gd) for x in gs]
+        d = torch.tensor([0.9, 1.7], device=device)
+        backend.q8_update_(w, g[: len(sizes)], codes, scales, d, eb.Q8Runs.plain(sizes), None, lr=0.01, step=k, **kw)
+        pg = [g[-1][a:b] for a, b in _Q8_CHECK_PIECES]
+        pd = torch.full((len(_Q8_CHECK_PIECES),), 1.3, device=device)
+        loc = backend.q8_boundary_absmax(pw, pg, pq, ps, pd, pruns, **kw).cpu()
+        # the all-reduce MAX over the pieces, by layer block
+        best: dict[int, float] = {}
+        for i, (a, b) in enumerate(_Q8_CHECK_PIECES):
+            first, end = eb.block_range(a, b - a)
+            for col, blk in ((0, first), (1, end - 1)):
+                best[blk] = max(best.get(blk, 0.0), float(loc[i, col]))
+        bnd = torch.tensor([[best[eb.block_range(a, b - a)[0]], best[eb.block_range(a, b - a)[1] - 1]]
+                            for a, b in _Q8_CHECK_PIECES], device=device)
+        backend.q8_update_(pw, pg, pq, ps, pd, pruns, bnd, lr=0.01, step=k, **kw)
+    return dict(codes=[x.cpu() for x in codes + pq], w=[x.cpu() for x in w + pw], scales=[x.cpu() for x in scales + ps])
 
 
 def describe(build: bool = False) -> list[dict[str, Any]]:

@@ -346,7 +346,7 @@ class CPUOpBuilder(OpBuilder):
         self.name = f"novograd_ds_cpu_{self.isa}"
 
     def sources(self) -> list[str]:
-        return [str(CSRC / "cpu" / "novograd_cpu.cpp")]
+        return [str(CSRC / "cpu" / "novograd_cpu.cpp"), str(CSRC / "cpu" / "novograd_q8.cpp")]
 
     def cxx_flags(self) -> list[str]:
         return super().cxx_flags() + _ISA_FLAGS[self.isa]
@@ -362,7 +362,8 @@ class CUDAOpBuilder(OpBuilder):
         self.archs = list(archs) if archs is not None else cuda_archs()
 
     def sources(self) -> list[str]:
-        return [str(CSRC / "cuda" / "bindings.cpp"), str(CSRC / "cuda" / "novograd_cuda.cu")]
+        return [str(CSRC / "cuda" / "bindings.cpp"), str(CSRC / "cuda" / "novograd_cuda.cu"),
+                str(CSRC / "cuda" / "novograd_q8.cu")]
 
     def nvcc_flags(self) -> list[str]:
         # --fmad=false: no contraction into FMA, so the update rounds like the reference backend. Explicit

@@ -22,69 +22,17 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include "../novograd_math.h"
 #include "../spans.h"
+#include "novograd_q8.h"
+#include "op_common.h"
+#include "simd.h"
+#include "sq_sum.h"
 
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, many per thread at 25M
+using namespace novograd_cpu;  // simd.h: W lanes of fp32
 
-// ---- SIMD abstraction: W lanes of fp32 -------------------------------------------------------------
-#if defined(__AVX512F__)
-constexpr int W = 16;
-using vfloat = __m512;
-inline vfloat vset1(float x) { return _mm512_set1_ps(x); }
-inline vfloat vzero() { return _mm512_setzero_ps(); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
-inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
-inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
-inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
-inline vfloat vload(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the high half, exact
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline vfloat vload(const c10::Half* p) {  // fp16 -> fp32, exact
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline float vsum(vfloat x) { return _mm512_reduce_add_ps(x); }
-#define NOVOGRAD_SIMD "avx512"
-#elif defined(__AVX2__)
-constexpr int W = 8;
-using vfloat = __m256;
-inline vfloat vset1(float x) { return _mm256_set1_ps(x); }
-inline vfloat vzero() { return _mm256_setzero_ps(); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
-inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
-inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
-inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
-inline vfloat vload(const c10::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline vfloat vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline float vsum(vfloat x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#define NOVOGRAD_SIMD "avx2"
-#else
-constexpr int W = 1;  // no vector ISA: the scalar loop below is the whole kernel
-#define NOVOGRAD_SIMD "scalar"
-#endif
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 using novograd::Span;  // spans.h: a whole tensor, or a segment of a flat tensor
 
@@ -97,55 +45,6 @@ std::vector<Chunk> make_chunks(const std::vector<Span>& spans) {
   for (int64_t s = 0; s < static_cast<int64_t>(spans.size()); ++s)
     for (int64_t b = 0; b < spans[s].n; b += kChunk) chunks.push_back({s, b, std::min(spans[s].n, b + kChunk)});
   return chunks;
-}
-
-// sum(g*g) of g[0:n], returned in double. The vector part reads four quarters of the chunk side by side: four
-// concurrent streams keep more cache-line fills in flight than one (about 30 % faster read-only on a 2-core
-// AMD EPYC VM). Each stream has its own fp32 accumulator, flushed into the double every kSub elements, so no
-// fp32 lane adds up more than kSub / W terms. What the quarters leave over goes through one stream, then the
-// scalar tail. Fixed order for a given n: deterministic.
-constexpr int64_t kSub = 256;
-
-template <typename G>
-double chunk_sq_sum(const G* g, int64_t n) {
-  int64_t i = 0;
-  double total = 0.0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  const int64_t q = n / (4 * kSub) * kSub;  // elements per stream
-  const G* g1 = g + q;
-  const G* g2 = g + 2 * q;
-  const G* g3 = g + 3 * q;
-  for (int64_t j = 0; j < q; j += kSub) {
-    vfloat acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
-    for (int64_t k = j; k < j + kSub; k += W) {
-      const vfloat x0 = vload(g + k), x1 = vload(g1 + k), x2 = vload(g2 + k), x3 = vload(g3 + k);
-      acc0 = vadd(acc0, vmul(x0, x0));
-      acc1 = vadd(acc1, vmul(x1, x1));
-      acc2 = vadd(acc2, vmul(x2, x2));
-      acc3 = vadd(acc3, vmul(x3, x3));
-    }
-    total += static_cast<double>(vsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3))));
-  }
-  i = 4 * q;
-  while (i + W <= n) {
-    const int64_t stop = std::min(n, i + kSub);
-    vfloat acc = vzero();
-    for (; i + W <= stop; i += W) {
-      const vfloat x = vload(g + i);
-      acc = vadd(acc, vmul(x, x));
-    }
-    total += static_cast<double>(vsum(acc));
-  }
-#endif
-  float tail = 0.f;
-  for (; i < n; ++i) {
-    tail += novograd::square(to_float(g[i]));
-    if (((n - i) & (kSub - 1)) == 1) {  // scalar build: flush into the double every kSub elements too
-      total += static_cast<double>(tail);
-      tail = 0.f;
-    }
-  }
-  return total + static_cast<double>(tail);
 }
 
 // The fused update of w[0:n], m[0:n] from g[0:n] with denominator d (novograd_math.h, vector form).
@@ -168,28 +67,6 @@ void chunk_update(float* w, const G* g, float* m, int64_t n, float d, const novo
   novograd::UpdateScalars ts = s;
   ts.decoupled = kDecoupled ? 1 : 0;
   for (; i < n; ++i) novograd::update_element(to_float(g[i]), w[i], m[i], d, ts);
-}
-
-enum class GradKind { kFloat, kBFloat16, kHalf };
-
-GradKind grad_kind(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return GradKind::kFloat;
-    case at::kBFloat16: return GradKind::kBFloat16;
-    case at::kHalf: return GradKind::kHalf;
-    default:
-      TORCH_CHECK(false, "novograd_ds fused CPU op: ", what, " has dtype ", t,
-                  "; it supports float32, bfloat16 and float16 gradients (use foreach=True for others)");
-  }
-}
-
-template <typename Fn>
-void dispatch_grad(GradKind k, Fn&& fn) {
-  switch (k) {
-    case GradKind::kFloat: fn(static_cast<const float*>(nullptr)); break;
-    case GradKind::kBFloat16: fn(static_cast<const c10::BFloat16*>(nullptr)); break;
-    case GradKind::kHalf: fn(static_cast<const c10::Half*>(nullptr)); break;
-  }
 }
 
 // Sum of squares per layer over spans: out[layer] += sum over the layer's spans, in chunk order.
@@ -238,30 +115,6 @@ void update_spans(const std::vector<Span>& spans, GradKind kind, const float* de
 }
 
 // ---- argument checks -----------------------------------------------------------------------------
-void check_dense(const at::Tensor& t, const char* what, int64_t i) {
-  TORCH_CHECK(t.device().is_cpu(), "novograd_ds fused CPU op: ", what, "[", i, "] is on ", t.device(), ", not the CPU");
-  TORCH_CHECK(t.is_contiguous(), "novograd_ds fused CPU op: ", what, "[", i, "] is not contiguous");
-}
-
-void check_state(const at::Tensor& t, const char* what, int64_t i, int64_t numel) {
-  check_dense(t, what, i);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "novograd_ds fused CPU op: ", what, "[", i, "] has dtype ",
-              t.scalar_type(), "; the fused op needs float32 parameters and state (use foreach=True for others)");
-  TORCH_CHECK(t.numel() == numel, "novograd_ds fused CPU op: ", what, "[", i, "] has ", t.numel(),
-              " elements, its gradient ", numel);
-}
-
-GradKind common_grad_kind(const std::vector<at::Tensor>& grads) {
-  GradKind kind = GradKind::kFloat;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_dense(grads[i], "grads", i);
-    GradKind k = grad_kind(grads[i].scalar_type(), "a gradient");
-    TORCH_CHECK(i == 0 || k == kind, "novograd_ds fused CPU op: all gradients of one call must share a dtype");
-    kind = k;
-  }
-  return kind;
-}
-
 std::vector<Span> segment_spans(const at::Tensor& table, const at::Tensor& flat_g, float* w, float* m, int64_t n_layers) {
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 3,
               "novograd_ds fused CPU op: the segment table must be a CPU int64 tensor of shape [n, 3] "
@@ -273,20 +126,6 @@ std::vector<Span> segment_spans(const at::Tensor& table, const at::Tensor& flat_
                                               flat_g.data_ptr(), flat_g.element_size(), w, m, spans, why);
   TORCH_CHECK(bad < 0, "novograd_ds fused CPU op: ", why);
   return spans;
-}
-
-novograd::UpdateScalars scalars(double lr, double a1, double c1, double wd, bool decoupled) {
-  // float(x) of each Python double, as torch does when it multiplies an fp32 tensor by a Python scalar
-  return {static_cast<float>(lr), static_cast<float>(a1), static_cast<float>(c1), static_cast<float>(wd),
-          decoupled ? 1 : 0};
-}
-
-const float* checked_denoms(const at::Tensor& denoms, int64_t n) {
-  TORCH_CHECK(denoms.device().is_cpu() && denoms.scalar_type() == at::kFloat && denoms.is_contiguous() &&
-                  denoms.dim() == 1 && denoms.numel() == n,
-              "novograd_ds fused CPU op: denominators must be a contiguous CPU float32 vector of ", n,
-              " entries, got ", denoms.sizes(), " ", denoms.scalar_type());
-  return denoms.data_ptr<float>();
 }
 
 // ---- entry points --------------------------------------------------------------------------------
@@ -376,17 +215,8 @@ void layer_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       });
       double total = 0.0;
       for (int64_t c = 0; c < n_chunks; ++c) total += partial[c];
-      const float n_sq = static_cast<float>(total);                     // n = sum(g*g), as sq_norms returns it
-      float* v = vs[i].data_ptr<float>();
-      const double ema = static_cast<double>(*v) * a2 + static_cast<double>(n_sq) * c2;  // v = a2*v + c2*n
-      *v = static_cast<float>(ema);
-      float used = *v;
-      if (!vmaxs.empty()) {                                               // amsgrad: vmax = max(vmax, v)
-        float* vmax = vmaxs[i].data_ptr<float>();
-        *vmax = std::max(*vmax, *v);
-        used = *vmax;
-      }
-      const float d = static_cast<float>(std::sqrt(static_cast<double>(used)) + eps);  // d = sqrt(v) + eps
+      const float d = second_moment_step(static_cast<float>(total), vs[i].data_ptr<float>(),
+                                         vmaxs.empty() ? nullptr : vmaxs[i].data_ptr<float>(), a2, c2, eps);
       // Each thread walks its own range of chunks backwards: the chunks it summed last are the ones still in its
       // cache (a forward re-read of a range larger than the cache would evict every line before reusing it).
       at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
@@ -413,4 +243,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("update", &update, "fused NovoGrad update of fp32 params/exp_avgs, one denominator per tensor");
   mod.def("update_segments", &update_segments, "fused update over segments of flat tensors, denominators per layer");
   mod.def("layer_step", &layer_step, "the whole plain-path step, one layer at a time (norm, v, update)");
+  novograd_cpu::register_q8(mod);  // the 8-bit moment's entry points (novograd_q8.cpp)
 }

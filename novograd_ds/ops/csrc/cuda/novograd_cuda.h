@@ -7,6 +7,7 @@
 #include "../novograd_math.h"
 #include "../spans.h"
 #include "launch_plan.h"
+#include "q8_plan.h"
 
 namespace novograd_cuda {
 
@@ -24,6 +25,17 @@ int launch_sq_norms(const Span* spans, int64_t n_spans, int64_t n_layers, GradDt
 // novograd_math.h's rule.
 int launch_update(const Span* spans, int64_t n_spans, int64_t n_layers, GradDtype dtype, const float* denoms,
                   novograd::UpdateScalars scalars, void* stream);
+
+// The 8-bit moment (NOTE: [8-bit launches] in q8_plan.h): dequantise, update w and m, block scales (a partial
+// block's from `boundary`, device memory [n_runs, 2], may be nullptr when no run has a partial block), quantise.
+// `denoms` is device memory indexed by each span's layer.
+int launch_q8_update(const novograd::QSpan* spans, int64_t n_spans, GradDtype dtype, const float* denoms,
+                     const float* boundary, novograd::UpdateScalars scalars, novograd::q8::Q8Scalars qs, void* stream);
+
+// out[2 run + end] = the run's local max |m_new| over its partial first (end 0) / last (end 1) block, 0 where that
+// block is not partial; every row of every span written.
+int launch_q8_boundary(const novograd::QSpan* spans, int64_t n_spans, GradDtype dtype, const float* denoms,
+                       novograd::UpdateScalars scalars, int map, float* out, void* stream);
 
 const char* error_string(int err);
 
