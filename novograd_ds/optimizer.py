@@ -30,6 +30,9 @@ from torch.optim import Optimizer
 
 from .checkpoint import COMPACT, COMPACT_FORMAT, CheckpointError, compact_entry, segment_index, segments_from_index
 from .kernels import KernelBackend, SegmentTable
+from .kernels import eightbit as eb
+from .quantized import (CODES, Q8_KEYS, SCALES, SMALL, RunGeometry, SlotMap, check_state_bits, dequantize_run,
+                        is_quantized, q8_config, quantize_into, shared_blocks)
 from .kernels.foreach import ForeachBackend
 from .kernels.reference import ReferenceBackend
 from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, group_spans, reduce_layer_max,
@@ -44,6 +47,8 @@ STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "ma
 # Bound flat tensors keep v compact, one entry per layer, in memory and on disk (NOTE: [the compact checkpoint form]).
 EXP_AVG_LAYER, MAX_EXP_AVG_LAYER = "exp_avg_sq_layer", "max_exp_avg_sq_layer"
 _LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
+# Param-group keys of how the first moment is stored (kept from the constructor across load_state_dict)
+_STORAGE_KEYS = ("state_bits", "quant_map", "quant_rounding", "quant_seed")
 
 BACKENDS = ("reference", "foreach", "fused")
 
@@ -150,6 +155,10 @@ class NovoGrad(Optimizer):
         decoupled_weight_decay: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_bits: int = 32,
+        quant_map: Optional[str] = None,
+        quant_rounding: Optional[str] = None,
+        quant_seed: int = 0,
     ):
         _check_hparams(lr, betas, eps, weight_decay)
         if fused and foreach:
@@ -164,7 +173,12 @@ class NovoGrad(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
+            state_bits=state_bits,
+            quant_map=quant_map,
+            quant_rounding=quant_rounding,
+            quant_seed=quant_seed,
         )
+        check_state_bits(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -184,6 +198,9 @@ class NovoGrad(Optimizer):
         self._param_shards: dict[int, Optional[ParamShard]] = {}
         # True where an engine stands in zeros for a missing gradient (skip_zero_gradients; NOTE: [no gradient, no step])
         self._zero_grad_is_missing = False
+        # 8-bit state (NOTE: [8-bit state] in quantized.py): per parameter its run geometry (None: fp32 moment)
+        self._q8_geoms: dict[int, Optional[RunGeometry]] = {}
+        self._flat_q8: dict[int, Any] = {}
         # Test/diagnostic switch: step unknown tensors as if each were one layer (the per-shard mistake).
         self._naive_per_tensor = False
 
@@ -195,14 +212,18 @@ class NovoGrad(Optimizer):
         _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group["fused"] and group["foreach"]:
             raise ValueError("NovoGrad: fused=True and foreach=True cannot both be set in one param group")
+        check_state_bits(group)
         for p in group["params"]:
             _check_param(p)
+        if hasattr(self, "_q8_geoms"):
+            self._q8_geoms.clear()  # stochastic-rounding keys follow the parameter order
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in (("grad_averaging", False), ("amsgrad", False), ("decoupled_weight_decay", False),
-                               ("foreach", None), ("fused", None)):
+                               ("foreach", None), ("fused", None), ("state_bits", 32), ("quant_map", None),
+                               ("quant_rounding", None), ("quant_seed", 0)):
                 group.setdefault(key, value)
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_backend_cache", {})
@@ -211,6 +232,8 @@ class NovoGrad(Optimizer):
         for name in ("_extra_reductions", "_flat_reductions", "_param_reductions", "_param_shards"):
             self.__dict__.setdefault(name, {})
         self.__dict__.setdefault("_zero_grad_is_missing", False)
+        self.__dict__.setdefault("_q8_geoms", {})
+        self.__dict__.setdefault("_flat_q8", {})
         self.__dict__.setdefault("_naive_per_tensor", False)
 
     # -- backend choice ----------------------------------------------------------------------------
@@ -244,6 +267,7 @@ class NovoGrad(Optimizer):
         bindings. Engine adapters call this (``novograd_ds.bind(engine)`` for DeepSpeed)."""
         self._layouts = dict(layouts)
         self._flat_reductions = {}
+        self._flat_q8 = {}
 
     _bind_layouts = bind_layouts  # the name the DeepSpeed adapter used before the engine seam was public
 
@@ -341,24 +365,113 @@ class NovoGrad(Optimizer):
         for group in self.param_groups:
             work.extend(self._prepare_group(group))
         sums = reduce_layer_sums([(w.partial, w.reductions) for w in work])
+        pending = []
         for w, n in zip(work, sums):
-            w.finish(n)
+            request = w.finish(n)
+            if request is not None:  # 8-bit blocks shared between ranks: their scales need one MAX (NOTE: [8-bit state])
+                pending.append((w, request))
+        if pending:
+            maxed = reduce_layer_sums([r for _, r in pending], op=torch.distributed.ReduceOp.MAX)
+            for (w, _), m in zip(pending, maxed):
+                w.complete(m)
         return loss
+
+    # -- 8-bit state of plain parameters ------------------------------------------------------------------------
+    def _param_key(self, p: Tensor) -> int:
+        """A stable per-layer key for stochastic rounding: the parameter's index in the optimizer's param order."""
+        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
+            if q is p:
+                return i
+        return 0
+
+    def _q8_geometry(self, p: Tensor, group: dict[str, Any], shard: Optional[ParamShard]) -> Optional[RunGeometry]:
+        """Where this rank's piece of ``p`` lies, when ``p`` keeps an 8-bit moment; None for an fp32 moment."""
+        key = id(p)
+        if key in self._q8_geoms:
+            return self._q8_geoms[key]
+        geom = None
+        if q8_config(group) is not None and is_quantized(p.numel()):
+            if shard is None:
+                geom = RunGeometry(0, p.numel(), (), self._param_key(p))
+            else:
+                run = shard.run(p) if shard.run is not None else None
+                if run is None:
+                    raise ValueError(
+                        f"NovoGrad(state_bits=8): {shard.label or 'a sharded parameter'} is split so that a rank's "
+                        "piece is not one contiguous run of the flattened tensor (e.g. tensor parallelism along dim 1 "
+                        "or FSDP over a tensor-parallel dim 0); its 8-bit blocks could not be shared between ranks. "
+                        "Put such parameters in a param group with state_bits=32")
+                start, numel, cuts = run
+                geom = RunGeometry(int(start), int(numel), tuple(int(c) for c in cuts), self._param_key(p))
+        self._q8_geoms[key] = geom
+        return geom
 
     def _init_state(self, p: Tensor, group: dict[str, Any], shard: Optional[ParamShard] = None) -> dict[str, Any]:
         state = self.state[p]
+        geom = self._q8_geometry(p, group, shard)
+        local = shard.local(p) if shard is not None else p
         if len(state) == 0:
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             state[STEP] = 0
-            state[EXP_AVG] = (shard.new_state(p) if shard is not None
-                              else torch.zeros_like(p, memory_format=torch.preserve_format))
-            local = shard.local(p) if shard is not None else p
+            if geom is None:
+                state[EXP_AVG] = (shard.new_state(p) if shard is not None
+                                  else torch.zeros_like(p, memory_format=torch.preserve_format))
+            else:
+                state[CODES] = (shard.new_state(p, dtype=eb.CODE_DTYPE) if shard is not None
+                                else torch.zeros_like(p, dtype=eb.CODE_DTYPE))
+                state[SCALES] = torch.zeros(eb.n_blocks(geom.start, local.numel()), dtype=torch.float32,
+                                            device=local.device)
             state[EXP_AVG_SQ] = torch.zeros((), dtype=vdtype, device=local.device)
+        elif geom is not None and CODES not in state:
+            self._quantize_loaded_param(p, state, geom, group, shard)
+        elif geom is None and CODES in state:
+            self._dequantize_loaded_param(p, state, group, shard)
         if group["amsgrad"] and MAX_EXP_AVG_SQ not in state:
             state[MAX_EXP_AVG_SQ] = torch.zeros_like(state[EXP_AVG_SQ])
         if isinstance(state[STEP], Tensor):  # a checkpoint written by another tool; normalise once
             state[STEP] = int(state[STEP].cpu())
         return state
+
+    def _quantize_loaded_param(self, p: Tensor, state: dict[str, Any], geom: RunGeometry, group: dict[str, Any],
+                               shard: Optional[ParamShard]) -> None:
+        """An fp32 ``exp_avg`` (a checkpoint of a 32-bit run) into codes and scales for ``state_bits=8``; collective
+        over the parameter's groups when its blocks are shared (every rank loads the same checkpoint)."""
+        m = state.pop(EXP_AVG)
+        local_m = shard.local(m) if shard is not None else m
+        state[CODES] = (shard.new_state(p, dtype=eb.CODE_DTYPE) if shard is not None
+                        else torch.zeros_like(p, dtype=eb.CODE_DTYPE))
+        codes = shard.local(state[CODES]) if shard is not None else state[CODES]
+        state[SCALES] = torch.zeros(eb.n_blocks(geom.start, codes.numel()), dtype=torch.float32, device=codes.device)
+        boundary = None
+        if shard is not None and geom.cuts:
+            flat = local_m.reshape(-1).to(torch.float32)
+            n = flat.numel()
+            first, end = eb.block_range(geom.start, n)
+            fp, lp = eb.partial_ends(geom.start, n, geom.numel)
+            vals = torch.zeros(2, dtype=torch.float32, device=flat.device)
+            if n and fp:
+                vals[0] = flat[: min(n, (first + 1) * eb.BLOCK - geom.start)].abs().max()
+            if n and lp:
+                vals[1] = flat[max(0, (end - 1) * eb.BLOCK - geom.start):].abs().max()
+            slots = SlotMap([(geom.numel, geom.cuts)])
+            pair = torch.tensor([slots.pair(0, geom.start, n)], dtype=torch.long)
+            vec = SlotMap.gather(vals.reshape(1, 2), pair, slots.n)
+            vec = reduce_layer_sums([(vec, tuple(shard.reductions))], op=torch.distributed.ReduceOp.MAX)[0]
+            boundary = SlotMap.scatter(vec, pair)[0]
+        quantize_into(local_m, codes, state[SCALES], geom, q8_config(group), boundary)
+
+    def _dequantize_loaded_param(self, p: Tensor, state: dict[str, Any], group: dict[str, Any],
+                                 shard: Optional[ParamShard]) -> None:
+        """Codes and scales (a checkpoint of an 8-bit run) into an fp32 ``exp_avg`` for ``state_bits=32``."""
+        codes = state.pop(CODES)
+        scales = state.pop(SCALES)
+        run = shard.run(p) if shard is not None and shard.run is not None else (0, p.numel(), ())
+        local_codes = shard.local(codes) if shard is not None else codes
+        qmap = group.get("quant_map") or eb.DEFAULT_MAP
+        m = dequantize_run(local_codes, scales, int(run[0]), qmap)
+        state[EXP_AVG] = shard.new_state(p) if shard is not None else torch.zeros_like(p)
+        target = shard.local(state[EXP_AVG]) if shard is not None else state[EXP_AVG]
+        target.copy_(m.view(target.shape))
 
     def _prepare_group(self, group: dict[str, Any]) -> list[_Work]:
         plain: list[tuple[int, Tensor, Optional[ParamShard], Tensor]] = []
@@ -426,34 +539,47 @@ class NovoGrad(Optimizer):
             local_g = shard.local(g) if shard is not None else g
             local_p = shard.local(p) if shard is not None else p
             sharded = bool(self._reductions_of_param(p, shard))
-            buckets[(local_p.device, local_p.dtype, local_g.dtype, state[STEP] == 0, sharded)].append((p, shard, g))
+            q8 = self._q8_geometry(p, group, shard) is not None
+            # stochastic rounding draws from the layer's step count: one count per 8-bit bucket
+            k = state[STEP] if q8 and (group.get("quant_rounding") or eb.DEFAULT_ROUNDING) == "stochastic" else None
+            buckets[(local_p.device, local_p.dtype, local_g.dtype, state[STEP] == 0, sharded, q8, k)].append(
+                (p, shard, g))
 
         work: list[_Work] = []
-        for (device, _, _, first, sharded), entries in buckets.items():
+        for (device, _, _, first, sharded, q8, _), entries in buckets.items():
             kernels = self._kernels(group, device)
             self.backend = kernels.name
-            if not first and not sharded and not self._zero_grad_is_missing and self._layer_step(group, kernels, entries):
+            if not first and not sharded and not self._zero_grad_is_missing and self._layer_step(group, kernels,
+                                                                                                 entries, q8):
                 continue  # the fused CPU op did norm, v and update one layer at a time (same numbers)
-            work.append(_PlainWork(self, group, kernels, entries, first))
+            work.append(_PlainWork(self, group, kernels, entries, first, q8))
         return work
 
-    def _layer_step(self, group: dict[str, Any], kernels: KernelBackend, entries) -> bool:
-        layer_step = getattr(kernels, "layer_step_", None)
+    def _layer_step(self, group: dict[str, Any], kernels: KernelBackend, entries, q8: bool = False) -> bool:
+        layer_step = getattr(kernels, "q8_layer_step_" if q8 else "layer_step_", None)
         if layer_step is None:
             return False
         states = [self.state[p] for p, _, _ in entries]
         # the local pieces (a DTensor parameter on a mesh of one has no reduction but is still a DTensor)
         params = [sh.local(p) if sh is not None else p for p, sh, _ in entries]
         grads = [sh.local(g) if sh is not None else g for _, sh, g in entries]
-        exp_avgs = [sh.local(s[EXP_AVG]) if sh is not None else s[EXP_AVG] for (_, sh, _), s in zip(entries, states)]
         beta1, beta2 = group["betas"]
-        a1, c1, a2, c2 = step_factors(states[0][STEP] + 1, beta1, beta2, group["grad_averaging"])
-        done = layer_step(
-            params, grads, exp_avgs, [s[EXP_AVG_SQ] for s in states],
-            [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None,
-            lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-        )
+        k = states[0][STEP] + 1
+        a1, c1, a2, c2 = step_factors(k, beta1, beta2, group["grad_averaging"])
+        scalars = dict(lr=group["lr"], a1=a1, c1=c1, a2=a2, c2=c2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"])
+        vs = [s[EXP_AVG_SQ] for s in states]
+        vmaxs = [s[MAX_EXP_AVG_SQ] for s in states] if group["amsgrad"] else None
+        if q8:
+            geoms = [self._q8_geometry(p, group, sh) for p, sh, _ in entries]
+            runs = eb.Q8Runs([g.start for g in geoms], [g.numel for g in geoms], [g.key for g in geoms])
+            codes = [sh.local(s[CODES]) if sh is not None else s[CODES] for (_, sh, _), s in zip(entries, states)]
+            done = layer_step(params, grads, codes, [s[SCALES] for s in states], vs, vmaxs, runs,
+                              q8=q8_config(group), step=k, **scalars)
+        else:
+            exp_avgs = [sh.local(s[EXP_AVG]) if sh is not None else s[EXP_AVG]
+                        for (_, sh, _), s in zip(entries, states)]
+            done = layer_step(params, grads, exp_avgs, vs, vmaxs, **scalars)
         if done:
             for s in states:
                 s[STEP] += 1
@@ -570,6 +696,9 @@ class NovoGrad(Optimizer):
             for p in group["params"]:
                 layout = self._layouts.get(id(p))
                 st = sd["state"].get(index)
+                if st is not None and SCALES in st and not (layout is not None and layout.tensor is p):
+                    st = sd["state"][index] = dict(st)
+                    st[SCALES] = self._full_layer_scales(p, st[SCALES])
                 if layout is not None and layout.tensor is p and st is not None and EXP_AVG_LAYER in st:
                     st = dict(st)
                     compact = {"format": COMPACT_FORMAT, "numel": p.numel(), "segments": segment_index(layout.segments),
@@ -580,6 +709,31 @@ class NovoGrad(Optimizer):
                     sd["state"][index] = st
                 index += 1
         return sd
+
+    def _full_layer_scales(self, p: Tensor, scales: Tensor) -> Tensor:
+        """A sharded 8-bit parameter's scales for the whole layer (one per 256-element block), the same on every rank:
+        the form its checkpoint holds, so a load at another sharding takes its own blocks (collective: a MAX)."""
+        shard = self._shard_of(p)
+        geom = self._q8_geoms.get(id(p))
+        if shard is None or geom is None or not shard.reductions:
+            return scales
+        local = shard.local(self.state[p][CODES])
+        first, _ = eb.block_range(geom.start, local.numel())
+        full = torch.zeros(eb.n_blocks(0, geom.numel), dtype=torch.float32, device=scales.device)
+        if scales.numel():
+            full[first:first + scales.numel()] = scales
+        return reduce_layer_sums([(full, tuple(shard.reductions))], op=torch.distributed.ReduceOp.MAX)[0]
+
+    def _local_scales(self, p: Tensor, scales: Tensor) -> Tensor:
+        """Inverse of :meth:`_full_layer_scales` on load: this rank's blocks of a whole layer's scales."""
+        shard = self._shard_of(p)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        geom = self._q8_geometry(p, group, shard) if shard is not None else None
+        if geom is None or not shard.reductions or scales.numel() != eb.n_blocks(0, geom.numel):
+            return scales
+        n = shard.local(p).numel()
+        first, _ = eb.block_range(geom.start, n)
+        return scales[first:first + eb.n_blocks(geom.start, n)].clone()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict: this version's compact form, the expanded form of earlier versions, or torch's.
@@ -629,6 +783,8 @@ class NovoGrad(Optimizer):
                 self._check_param_state(st, label)
                 layer_state[key] = {k: st.pop(k) for k in _LAYER_STATE_KEYS if k in st and isinstance(st[k], Tensor)
                                     and st[k].dim() == 0}
+                # 8-bit state keeps its dtypes (torch's loader would cast int8 codes and fp32 scales to the param's)
+                layer_state[key].update({k: st.pop(k) for k in Q8_KEYS if k in st and isinstance(st[k], Tensor)})
             new_state[key] = st
         if new_state:
             for key, p in id_to_param.items():
@@ -638,19 +794,39 @@ class NovoGrad(Optimizer):
                         f"NovoGrad.load_state_dict: {where[key]} ({layout.label}) has no saved state while other "
                         "flats do: its moments are missing from the checkpoint")
         state_dict["state"] = new_state
+        # The storage of the first moment is this run's choice, not a hyperparameter to restore: a checkpoint of a
+        # 32-bit run loads into state_bits=8 (quantised on the first step) and the other way round.
+        storage = [{k: g[k] for k in _STORAGE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, keep in zip(self.param_groups, storage):
+            g.update(keep)
+        self._q8_geoms.clear()
         for key, entries in layer_state.items():
             p = id_to_param[key]
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             for k, t in entries.items():
-                self.state[p][k] = t.detach().to(device=p.device, dtype=vdtype).clone()
+                if k == CODES:
+                    self.state[p][k] = t.detach().to(device=p.device).clone()
+                    continue
+                if k == SCALES:
+                    self.state[p][k] = self._local_scales(p, t.detach()).to(device=t.device if p.device.type == "meta"
+                                                                            else self._local_device(p),
+                                                                            dtype=torch.float32).clone()
+                    continue
+                self.state[p][k] = t.detach().to(device=self._local_device(p), dtype=vdtype).clone()
                 if k == EXP_AVG_LAYER:
                     self.state[p][k].swappable = False
 
+    def _local_device(self, p: Tensor) -> torch.device:
+        shard = self._shard_of(p)
+        return shard.local(p).device if shard is not None else p.device
+
     @staticmethod
     def _check_param_state(st: Mapping[str, Any], label: str) -> None:
-        """A plain (or FSDP2) parameter's saved state: step, exp_avg and one second moment per tensor."""
-        missing = [k for k in (STEP, EXP_AVG, EXP_AVG_SQ) if k not in st]
+        """A plain (or FSDP2) parameter's saved state: step, exp_avg (or 8-bit codes and scales) and one second moment
+        per tensor."""
+        first = [EXP_AVG] if not (CODES in st or SCALES in st) else [CODES, SCALES]
+        missing = [k for k in (STEP, *first, EXP_AVG_SQ) if k not in st]
         if missing:
             raise CheckpointError(f"NovoGrad.load_state_dict: {label} has no {', '.join(missing)} (it has "
                                   f"{sorted(st)}); refusing to start it afresh")
@@ -664,10 +840,18 @@ class NovoGrad(Optimizer):
 
 # -- one piece of a step's work: its local partial sums, their reductions, and what to do with the sums ----------------
 class _Work:
+    """One piece of a step: its local partial sums and their reductions (phase 1), then ``finish(sums)``: the
+    second moments and the update (phase 3). A piece with 8-bit blocks shared between ranks returns from ``finish``
+    a ``(vector, reductions)`` of its boundary values instead of updating; the step all-reduces those (MAX, batched)
+    and calls ``complete(vector)`` to update (NOTE: [8-bit state])."""
+
     partial: Tensor
     reductions: tuple = ()
 
-    def finish(self, n: Tensor) -> None:  # pragma: no cover - interface
+    def finish(self, n: Tensor) -> Optional[tuple[Tensor, tuple]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def complete(self, maxed: Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -688,15 +872,26 @@ def _entry_reductions(per_entry: Sequence[tuple[LayerReduction, ...]]) -> tuple[
 class _PlainWork(_Work):
     """Parameters stepped as whole layers (or, sharded, as their local pieces): one bucket of one device/dtype."""
 
-    def __init__(self, opt: NovoGrad, group: dict[str, Any], kernels: KernelBackend, entries, first: bool):
-        self.opt, self.group, self.kernels, self.first = opt, group, kernels, first
+    def __init__(self, opt: NovoGrad, group: dict[str, Any], kernels: KernelBackend, entries, first: bool,
+                 q8: bool = False):
+        self.opt, self.group, self.kernels, self.first, self.q8 = opt, group, kernels, first, q8
         self.params = [p for p, _, _ in entries]
         self.shards = [s for _, s, _ in entries]
         self.grads = [s.local(g) if s is not None else g for _, s, g in entries]
         self.partial = kernels.sq_norms(self.grads)                      # n = sum(g*g), this rank's piece
         self.reductions = _entry_reductions([opt._reductions_of_param(p, s) for p, s, _ in entries])
+        self.slots = None
+        if q8:
+            self.geoms = [opt._q8_geometry(p, group, s) for p, s, _ in entries]
+            slot_map = SlotMap([(g.numel, g.cuts) for g in self.geoms])
+            if slot_map.n:  # blocks shared with other ranks: their scales need a MAX over the parameters' groups
+                pairs = [slot_map.pair(i, g.start, x.numel()) for i, (g, x) in enumerate(zip(self.geoms, self.grads))]
+                self.pairs = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+                owner = [i for i, g in enumerate(self.geoms) for _ in shared_blocks(g.numel, g.cuts)]
+                per_slot = [tuple(self.shards[i].reductions) if self.shards[i] is not None else () for i in owner]
+                self.slots = (slot_map.n, _entry_reductions(per_slot))
 
-    def finish(self, n: Tensor) -> None:
+    def finish(self, n: Tensor) -> Optional[tuple[Tensor, tuple]]:
         opt, group = self.opt, self.group
         keep = list(range(len(self.params)))
         if self.first or opt._zero_grad_is_missing:
@@ -706,30 +901,67 @@ class _PlainWork(_Work):
             # every step where an engine stands in zeros for missing gradients (skip_zero_gradients: DeepSpeed).
             nonzero = (n != 0).cpu().tolist()
             keep = [i for i in keep if nonzero[i]]
-            if not keep:
-                return
             if len(keep) < len(self.params):
-                n = n.index_select(0, torch.tensor(keep, device=n.device))
+                n = n.index_select(0, torch.tensor(keep, dtype=torch.long, device=n.device))
+        self.keep = keep
+        if not keep:
+            return self._request(None)
         params = [self.params[i] for i in keep]
         shards = [self.shards[i] for i in keep]
         grads = [self.grads[i] for i in keep]
         states = [opt.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        a1, c1, a2, c2 = step_factors(states[0][STEP] + 1, beta1, beta2, group["grad_averaging"])
+        self.k = states[0][STEP] + 1
+        a1, c1, a2, c2 = step_factors(self.k, beta1, beta2, group["grad_averaging"])
         v = torch.stack([s[EXP_AVG_SQ] for s in states])
         vmax = torch.stack([s[MAX_EXP_AVG_SQ] for s in states]) if group["amsgrad"] else None
         denoms = second_moment_(v, n.to(v.device), vmax, a2=a2, c2=c2, eps=group["eps"])
         torch._foreach_copy_([s[EXP_AVG_SQ] for s in states], list(v.unbind(0)))
         if vmax is not None:
             torch._foreach_copy_([s[MAX_EXP_AVG_SQ] for s in states], list(vmax.unbind(0)))
-        local = [(sh.local(p), sh.local(s[EXP_AVG])) if sh is not None else (p, s[EXP_AVG])
-                 for p, sh, s in zip(params, shards, states)]
-        self.kernels.update_(
-            [w for w, _ in local], grads, [m for _, m in local], denoms,
-            lr=group["lr"], beta1=a1, grad_scale=c1,
-            weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-        )
-        for s in states:
+        w = [sh.local(p) if sh is not None else p for p, sh in zip(params, shards)]
+        self.scalars = dict(beta1=a1, grad_scale=c1, weight_decay=group["weight_decay"],
+                            decoupled=group["decoupled_weight_decay"])
+        if not self.q8:
+            m = [sh.local(s[EXP_AVG]) if sh is not None else s[EXP_AVG] for sh, s in zip(shards, states)]
+            self.kernels.update_(w, grads, m, denoms, lr=group["lr"], **self.scalars)
+            for s in states:
+                s[STEP] += 1
+            return None
+        geoms = [self.geoms[i] for i in keep]
+        runs = eb.Q8Runs([g.start for g in geoms], [g.numel for g in geoms], [g.key for g in geoms])
+        codes = [sh.local(s[CODES]) if sh is not None else s[CODES] for sh, s in zip(shards, states)]
+        self.args = (w, grads, codes, [s[SCALES] for s in states], denoms, runs)
+        self.states = states
+        if self.slots is None:
+            self._q8_update(None)
+            return None
+        boundary = self.kernels.q8_boundary_absmax(*self.args, q8=q8_config(group), **self.scalars)
+        return self._request(boundary)
+
+    def _request(self, boundary: Optional[Tensor]) -> Optional[tuple[Tensor, tuple]]:
+        """The MAX request of this bucket's shared blocks: issued whatever this rank's data (the collective contract)."""
+        if self.slots is None:
+            return None
+        n_slots, reductions = self.slots
+        if boundary is None:
+            return torch.zeros(n_slots, dtype=torch.float32), reductions
+        pairs = self.pairs.index_select(0, torch.tensor(self.keep, dtype=torch.long))
+        return SlotMap.gather(boundary, pairs, n_slots), reductions
+
+    def complete(self, maxed: Tensor) -> None:
+        if not self.keep:
+            return
+        pairs = self.pairs.index_select(0, torch.tensor(self.keep, dtype=torch.long))
+        boundary = SlotMap.scatter(maxed, pairs)
+        numels = [g.numel() for g in self.args[1]]
+        self._q8_update(boundary if self.args[5].has_partial(numels) else None)
+
+    def _q8_update(self, boundary: Optional[Tensor]) -> None:
+        w, grads, codes, scales, denoms, runs = self.args
+        self.kernels.q8_update_(w, grads, codes, scales, denoms, runs, boundary, lr=self.group["lr"],
+                                q8=q8_config(self.group), step=self.k, **self.scalars)
+        for s in self.states:
             s[STEP] += 1
 
 
@@ -741,7 +973,7 @@ class _IdleWork(_Work):
         self.reductions = _entry_reductions([opt._reductions_of_param(p, opt._shard_of(p)) for p in params])
 
     def finish(self, n: Tensor) -> None:
-        pass
+        return None
 
 
 class _FlatWork(_Work):

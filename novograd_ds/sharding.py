@@ -86,6 +86,17 @@ class FlatLayout:
     label: str = ""
     tensor: Any = field(default=None, repr=False)
     layer_params: Any = field(default=None, repr=False)
+    # For 8-bit state (NOTE: [8-bit state] in quantized.py), per layer: its element count, every rank's piece
+    # boundaries in it (``cuts``, the same list on every rank) and a stable stochastic-rounding key; and per segment
+    # its start in its layer (``segments.starts``). Adapters that cannot say leave them None: 8-bit is then refused.
+    layer_numels: Optional[Sequence[int]] = field(default=None, repr=False)
+    layer_cuts: Optional[Sequence[Sequence[int]]] = field(default=None, repr=False)
+    layer_keys: Optional[Sequence[int]] = field(default=None, repr=False)
+
+    @property
+    def has_run_geometry(self) -> bool:
+        return (self.layer_numels is not None and self.layer_cuts is not None
+                and getattr(self.segments, "starts", None) is not None)
 
     def __post_init__(self):
         self.reductions = tuple(self.reductions)
@@ -99,11 +110,11 @@ class FlatLayout:
                                  f"entries for {self.n_layers} layers")
 
 
-def whole_tensor_layout(tensor: Tensor, label: str = "") -> FlatLayout:
+def whole_tensor_layout(tensor: Tensor, label: str = "", key: int = 0) -> FlatLayout:
     """One tensor that is one whole layer (e.g. DeepSpeed FP16_UnfusedOptimizer's fp32 clones): no reduction."""
     n = tensor.numel()
-    return FlatLayout(SegmentTable([0] if n else [], [n] if n else [], [0] if n else []), 1, n, label=label,
-                      tensor=tensor)
+    return FlatLayout(SegmentTable([0] if n else [], [n] if n else [], [0] if n else [], [0] if n else []), 1, n,
+                      label=label, tensor=tensor, layer_numels=[n], layer_cuts=[[]], layer_keys=[key])
 
 
 @dataclass(frozen=True)
@@ -112,16 +123,19 @@ class ParamShard:
 
     ``local(t)`` returns this rank's piece of ``t`` (the parameter, its gradient or a state tensor laid out like the
     parameter) as a plain tensor that shares storage with ``t`` (writes go through). ``grad(p)`` returns the gradient
-    in the parameter's layout (it may redistribute, e.g. a pending-sum DTensor gradient) or ``None``. ``new_state(p)``
-    allocates a per-element state tensor laid out like ``p`` (a DTensor for a DTensor parameter, so checkpoint tools
+    in the parameter's layout (it may redistribute, e.g. a pending-sum DTensor gradient) or ``None``.
+    ``new_state(p, dtype=None)`` allocates a per-element state tensor laid out like ``p`` (a DTensor for a DTensor parameter, so checkpoint tools
     can reshard it). ``reductions``: the groups over which the piece's ``sum(g*g)`` is added.
     """
 
     local: Callable[[Tensor], Tensor]
     grad: Callable[[Tensor], Optional[Tensor]]
-    new_state: Callable[[Tensor], Tensor]
+    new_state: Callable[..., Tensor]
     reductions: tuple = ()
     label: str = ""
+    # For 8-bit state: ``run(p) -> (start, layer_numel, cuts)`` when this rank's piece is one contiguous run of the
+    # flattened layer (FSDP2 Shard(0)), None otherwise (8-bit is then refused for the parameter).
+    run: Optional[Callable[[Tensor], Optional[tuple]]] = None
 
 
 # -- parameter resolvers (registered by engine adapters; the core calls them, it does not import them) ---------------
@@ -184,8 +198,11 @@ def _mask_on(mask: Tensor, device: torch.device) -> Tensor:
     return hit[1]
 
 
-def reduce_layer_sums(entries: Sequence[tuple[Tensor, Sequence[LayerReduction]]]) -> list[Tensor]:
+def reduce_layer_sums(entries: Sequence[tuple[Tensor, Sequence[LayerReduction]]], op: Any = None) -> list[Tensor]:
     """Add each 1-D vector of partial ``sum(g*g)`` over its reductions' groups; returns the summed vectors.
+
+    ``op=dist.ReduceOp.MAX`` combines non-negative values by their maximum instead (the 8-bit boundary blocks,
+    NOTE: [8-bit state]); masked-out entries contribute 0 either way.
 
     ``entries[i] = (partial_i, reductions_i)``. For every distinct group, in order of first appearance, the entries
     (or the masked layers of the entries) that reduce over it are concatenated into one buffer and all-reduced once
@@ -193,6 +210,7 @@ def reduce_layer_sums(entries: Sequence[tuple[Tensor, Sequence[LayerReduction]]]
     different groups compose: a layer split over a data-parallel and a tensor-parallel group is summed over both.
     Entries without reductions come back unchanged. Issues no collective when no entry has a reduction.
     """
+    op = dist.ReduceOp.SUM if op is None else op
     out = [vec for vec, _ in entries]
     order: list[Any] = []
     for _, reds in entries:
@@ -210,7 +228,7 @@ def reduce_layer_sums(entries: Sequence[tuple[Tensor, Sequence[LayerReduction]]]
                 vec = torch.where(_mask_on(r.layers, device), vec, torch.zeros((), dtype=dtype, device=device))
             pieces.append(vec)
         buf = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(buf, op=op, group=group)
         offset = 0
         for i, r in members:
             n = out[i].numel()

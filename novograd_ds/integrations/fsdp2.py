@@ -59,10 +59,44 @@ def _grad(p: Tensor) -> Optional[Tensor]:
     return g
 
 
-def _new_state(p: Tensor) -> Tensor:
+def _new_state(p: Tensor, dtype=None) -> Tensor:
     import torch
 
-    return torch.zeros_like(p)  # a DTensor with p's mesh and placements
+    return torch.zeros_like(p, dtype=dtype)  # a DTensor with p's mesh and placements
+
+
+def _run(p: Tensor) -> Optional[tuple]:
+    """``(start, numel, cuts)`` of this rank's piece of ``p`` in the flattened layer, when every rank's piece is one
+    contiguous run of it (every sharded mesh dimension is a plain Shard(0)); None otherwise.
+
+    FSDP2 splits rows with ``torch.chunk`` semantics (pieces of ``ceil(rows / n)`` rows, the last ones shorter or
+    empty), mesh dimension by mesh dimension; the cuts are all those row boundaries, the same list on every rank."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(p.shape)
+    if not shape:
+        return 0, 1, ()
+    mesh = p.device_mesh
+    sharded = [(d, pl) for d, pl in enumerate(p.placements) if not pl.is_replicate() and mesh.size(d) > 1]
+    if any(type(pl) is not Shard or pl.dim != 0 for _, pl in sharded):
+        return None
+    row = 1
+    for n in shape[1:]:
+        row *= int(n)
+    pieces = [(0, int(shape[0]))]
+    for d, _ in sharded:
+        parts = []
+        for lo, hi in pieces:
+            size = hi - lo
+            step = -(-size // mesh.size(d)) if size else 0
+            for i in range(mesh.size(d)):
+                a = min(lo + i * step, hi) if step else lo
+                parts.append((a, min(a + step, hi) if step else lo))
+        pieces = parts
+    cuts = sorted({lo * row for lo, _ in pieces if 0 < lo < shape[0]})
+    _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+    return int(offset[0]) * row, p.numel(), tuple(cuts)
 
 
 def _mesh_dim_label(mesh: Any, dim: int) -> str:
@@ -86,7 +120,7 @@ def resolve_dtensor(p: Tensor) -> Optional[ParamShard]:
         if not placement.is_replicate() and mesh.size(dim) > 1:
             reductions.append(LayerReduction(mesh.get_group(dim), None, _mesh_dim_label(mesh, dim)))
     return ParamShard(local=_local, grad=_grad, new_state=_new_state, reductions=tuple(reductions),
-                      label=f"DTensor {tuple(p.shape)} {tuple(p.placements)}")
+                      label=f"DTensor {tuple(p.shape)} {tuple(p.placements)}", run=_run)
 
 
 def install() -> None:

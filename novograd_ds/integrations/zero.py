@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..sharding import FlatLayout, LayerReduction, whole_tensor_layout
-from .zero_layout import contiguous_segments, zero12_segments, zero3_segments
+from .zero_layout import contiguous_segments, zero12_cuts, zero12_segments, zero3_cuts, zero3_segments
 
 __all__ = ["layouts_for_engine", "layouts_for_wrapper"]
 
@@ -74,19 +74,22 @@ def _zero12(zo: Any) -> dict[int, FlatLayout]:
     import deepspeed.comm as dist
 
     out = {}
+    key_base = 0  # stochastic-rounding keys: a layer's index in the optimizer's param order, as one process has it
     for i, flat in enumerate(zo.single_partition_of_fp32_groups):
         pg = zo.real_dp_process_group[i]
-        rank = dist.get_rank(group=pg)
+        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
         params = zo.round_robin_bit16_groups[i]
-        segments = zero12_segments(
-            zero12_flat_offsets(zo, i),
-            [m.numel() for m in zo.round_robin_bit16_meta[i]],
-            [p.param_idx_in_group for p in params],
-            rank=rank,
-            partition_size=zero12_partition_size(zo, i),
-        )
-        out[id(flat)] = FlatLayout(segments, len(zo.bit16_groups[i]), flat.numel(), (LayerReduction(pg, None, _DP),),
-                                   label=f"zero12 group {i}", tensor=flat, layer_params=list(zo.bit16_groups[i]))
+        offsets, numels = zero12_flat_offsets(zo, i), [m.numel() for m in zo.round_robin_bit16_meta[i]]
+        layers, psz = [p.param_idx_in_group for p in params], zero12_partition_size(zo, i)
+        segments = zero12_segments(offsets, numels, layers, rank=rank, partition_size=psz)
+        layer_params = list(zo.bit16_groups[i])
+        out[id(flat)] = FlatLayout(
+            segments, len(layer_params), flat.numel(), (LayerReduction(pg, None, _DP),), label=f"zero12 group {i}",
+            tensor=flat, layer_params=layer_params, layer_numels=[p.numel() for p in layer_params],
+            layer_cuts=zero12_cuts(offsets, numels, layers, world=world, partition_size=psz,
+                                   n_layers=len(layer_params)),
+            layer_keys=[key_base + k for k in range(len(layer_params))])
+        key_base += len(layer_params)
     return out
 
 
@@ -94,13 +97,18 @@ def _zero3(z3: Any) -> dict[int, FlatLayout]:
     import deepspeed.comm as dist
 
     out = {}
+    key_base = 0
     for sg, flat in enumerate(z3.fp32_partitioned_groups_flat):
         pg = zero3_sub_group_process_group(z3, sg)
         params = z3.fp16_groups[sg]
-        segments = zero3_segments([p.partition_numel() for p in params], [p.ds_numel for p in params],
-                                  rank=dist.get_rank(group=pg))
-        out[id(flat)] = FlatLayout(segments, len(params), flat.numel(), (LayerReduction(pg, None, _DP),),
-                                   label=f"zero3 sub-group {sg}", tensor=flat, layer_params=list(params))
+        part, full = [p.partition_numel() for p in params], [p.ds_numel for p in params]
+        segments = zero3_segments(part, full, rank=dist.get_rank(group=pg))
+        out[id(flat)] = FlatLayout(
+            segments, len(params), flat.numel(), (LayerReduction(pg, None, _DP),), label=f"zero3 sub-group {sg}",
+            tensor=flat, layer_params=list(params), layer_numels=full,
+            layer_cuts=zero3_cuts(part, full, world=dist.get_world_size(group=pg)),
+            layer_keys=[key_base + k for k in range(len(params))])
+        key_base += len(params)
     return out
 
 
@@ -108,23 +116,33 @@ def _bf16(bo: Any) -> dict[int, FlatLayout]:
     import deepspeed.comm as dist
 
     out = {}
+    key_base = 0
     for i, flat in enumerate(bo.fp32_groups_flat_partition):
         pg = bo.real_dp_process_group[i]
         world = dist.get_world_size(group=pg)
-        segments = contiguous_segments([p.numel() for p in bo.bf16_groups[i]], rank=dist.get_rank(group=pg),
-                                       partition_size=bo.bf16_groups_flat[i].numel() // world)
-        out[id(flat)] = FlatLayout(segments, len(bo.bf16_groups[i]), flat.numel(), (LayerReduction(pg, None, _DP),),
-                                   label=f"bf16 group {i}", tensor=flat, layer_params=list(bo.bf16_groups[i]))
+        numels = [p.numel() for p in bo.bf16_groups[i]]
+        psz = bo.bf16_groups_flat[i].numel() // world
+        segments = contiguous_segments(numels, rank=dist.get_rank(group=pg), partition_size=psz)
+        offsets = [sum(numels[:k]) for k in range(len(numels))]
+        out[id(flat)] = FlatLayout(
+            segments, len(numels), flat.numel(), (LayerReduction(pg, None, _DP),), label=f"bf16 group {i}",
+            tensor=flat, layer_params=list(bo.bf16_groups[i]), layer_numels=numels,
+            layer_cuts=zero12_cuts(offsets, numels, range(len(numels)), world=world, partition_size=psz,
+                                   n_layers=len(numels)),
+            layer_keys=[key_base + k for k in range(len(numels))])
+        key_base += len(numels)
     return out
 
 
 def _fp16_unfused(fo: Any) -> dict[int, FlatLayout]:
     out = {}
+    key = 0
     for i, group in enumerate(fo.fp32_groups):
         for j, t in enumerate(group):
-            lay = whole_tensor_layout(t, label=f"fp16-unfused group {i} tensor {j}")
+            lay = whole_tensor_layout(t, label=f"fp16-unfused group {i} tensor {j}", key=key)
             lay.layer_params = [fo.fp16_groups[i][j]]
             out[id(t)] = lay
+            key += 1
     return out
 
 

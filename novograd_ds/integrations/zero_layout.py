@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..kernels import SegmentTable
 
-__all__ = ["zero12_segments", "zero3_segments", "contiguous_segments"]
+__all__ = ["zero12_segments", "zero3_segments", "contiguous_segments", "zero12_cuts", "zero3_cuts"]
 
 
 def zero12_segments(flat_offsets: Sequence[int], numels: Sequence[int], layers: Sequence[int], *,
@@ -26,15 +26,31 @@ def zero12_segments(flat_offsets: Sequence[int], numels: Sequence[int], layers: 
     if partition_size < 0 or rank < 0:
         raise ValueError(f"zero12_segments: bad rank={rank} or partition_size={partition_size}")
     start, end = rank * partition_size, (rank + 1) * partition_size
-    offs, lens, lays = [], [], []
+    offs, lens, lays, starts = [], [], [], []
     for off, n, layer in zip(flat_offsets, numels, layers):
         lo, hi = max(int(off), start), min(int(off) + int(n), end)
         if lo < hi:
             offs.append(lo - start)
             lens.append(hi - lo)
             lays.append(int(layer))
+            starts.append(lo - int(off))
     order = sorted(range(len(offs)), key=offs.__getitem__)
-    return SegmentTable([offs[i] for i in order], [lens[i] for i in order], [lays[i] for i in order])
+    return SegmentTable([offs[i] for i in order], [lens[i] for i in order], [lays[i] for i in order],
+                        [starts[i] for i in order])
+
+
+def zero12_cuts(flat_offsets: Sequence[int], numels: Sequence[int], layers: Sequence[int], *, world: int,
+                partition_size: int, n_layers: int) -> list[list[int]]:
+    """For each layer, where the partition edges ``e * psz`` (0 < e < world) cut it (positions in the layer): the
+    same on every rank, for the 8-bit moment's shared blocks (NOTE: [8-bit state] in quantized.py)."""
+    cuts: list[list[int]] = [[] for _ in range(n_layers)]
+    for off, n, layer in zip(flat_offsets, numels, layers):
+        off, n = int(off), int(n)
+        for e in range(1, world):
+            edge = e * partition_size
+            if off < edge < off + n:
+                cuts[int(layer)].append(edge - off)
+    return cuts
 
 
 def contiguous_segments(numels: Sequence[int], *, rank: int, partition_size: int) -> SegmentTable:
@@ -53,7 +69,7 @@ def zero3_segments(partition_numels: Sequence[int], full_numels: Sequence[int], 
     world size) gives each rank ``partition_numels[k]`` elements, of which rank ``r`` holds the valid ones
     ``[r*psz, min((r+1)*psz, numel))``; the sub-group's flat is the concatenation of these partitions.
     """
-    offs, lens, lays = [], [], []
+    offs, lens, lays, starts = [], [], [], []
     off = 0
     for k, (psz, numel) in enumerate(zip(partition_numels, full_numels)):
         valid = max(0, min(int(psz), int(numel) - rank * int(psz)))
@@ -61,5 +77,12 @@ def zero3_segments(partition_numels: Sequence[int], full_numels: Sequence[int], 
             offs.append(off)
             lens.append(valid)
             lays.append(k)
+            starts.append(rank * int(psz))
         off += int(psz)
-    return SegmentTable(offs, lens, lays)
+    return SegmentTable(offs, lens, lays, starts)
+
+
+def zero3_cuts(partition_numels: Sequence[int], full_numels: Sequence[int], *, world: int) -> list[list[int]]:
+    """For each tensor of a ZeRO-3 sub-group, where its per-rank partitions cut it: ``e * psz`` for 0 < e < world."""
+    return [[e * int(psz) for e in range(1, world) if e * int(psz) < int(numel)]
+            for psz, numel in zip(partition_numels, full_numels)]

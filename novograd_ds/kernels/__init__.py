@@ -43,7 +43,7 @@ the flat parameter, and a flat fp32 scales tensor holding each run's scales at i
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -139,12 +139,17 @@ class SegmentTable:
     alignment gaps) are never read or written by a kernel.
     """
 
-    def __init__(self, offsets: Sequence[int], lengths: Sequence[int], layers: Sequence[int]):
+    def __init__(self, offsets: Sequence[int], lengths: Sequence[int], layers: Sequence[int],
+                 starts: Optional[Sequence[int]] = None):
         if not (len(offsets) == len(lengths) == len(layers)):
             raise ValueError("SegmentTable: offsets, lengths and layers must have the same length")
         self.offsets = [int(o) for o in offsets]
         self.lengths = [int(n) for n in lengths]
         self.layers = [int(k) for k in layers]
+        #: where each segment starts in its layer (flattened), when the engine adapter knows it (8-bit state needs it)
+        self.starts = None if starts is None else [int(s) for s in starts]
+        if self.starts is not None and len(self.starts) != len(self.offsets):
+            raise ValueError("SegmentTable: starts must have one entry per segment")
         self._index_cache: dict[torch.device, Tensor] = {}
 
     def __len__(self) -> int:
