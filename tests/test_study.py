@@ -1,6 +1,8 @@
 """The evidence study (benchmarks/study.py) keeps working: a tiny version, end to end, with its page."""
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,62 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_study", ROOT / "benchmarks" / "study.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks_study"] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _study_module()
+INF = math.inf
+
+
+def test_band_status_each_side():
+    bs = study.band_status
+    # The band (within 0.05 of 6.0) reaches the top: open above, closed below.
+    assert bs([6.5, 6.0, 6.04]) == {"low": "closed", "high": "band at edge"}
+    # A diverged run (inf or nan) is outside the band and closes its side.
+    assert bs([6.5, 6.0, INF]) == {"low": "closed", "high": "closed"}
+    assert bs([math.nan, 6.0, 6.2]) == {"low": "closed", "high": "closed"}
+    # Outside the band but lower than its neighbour: a better rate may lie beyond, so still open.
+    assert bs([6.5, 6.0, 6.4, 6.2]) == {"low": "closed", "high": "falling at edge"}
+    assert bs([6.0]) == {"low": "band at edge", "high": "band at edge"}
+    assert bs([INF, INF]) == {"low": "no band", "high": "no band"}
+
+
+def test_next_grid_point_and_cap():
+    grid = [0.25, 0.5, 1.0]
+    assert study.next_grid_point(grid, [6.5, 6.0, 6.6], {"low": 0, "high": 0}) is None
+    assert study.next_grid_point(grid, [6.01, 6.0, 6.6], {"low": 0, "high": 0}) == ("low", 0.125)
+    assert study.next_grid_point(grid, [6.01, 6.0, 6.02], {"low": 0, "high": 0}) == ("low", 0.125)
+    assert study.next_grid_point(grid, [6.01, 6.0, 6.02], {"low": 2, "high": 0}, cap=2) == ("high", 2.0)
+    assert study.next_grid_point(grid, [6.01, 6.0, 6.02], {"low": 2, "high": 2}, cap=2) is None
+
+
+def test_extend_grid_closes_the_band():
+    calls = []
+
+    def loss(lr):  # a plateau from 2^-6 to 2^-2 (the best at 2^-4), rising below, diverging from 2^0 up
+        calls.append(lr)
+        e = math.log2(lr)
+        return INF if e >= 0 else 6.0 + 0.01 * abs(e + 4) + (0.2 * (-6 - e) if e < -6 else 0.0)
+
+    start = [2.0 ** e for e in range(-10, -3)]            # the band touches the top: 2^-4 is the end point
+    grid = study.extend_grid(start, loss, cap=8)
+    assert grid == [2.0 ** e for e in range(-10, 1)]       # 2^-3 .. 2^-1 in the band, 2^0 diverged: closed
+    assert calls == grid                                   # each point run once, in order
+    losses = [loss(lr) for lr in grid]
+    assert study.band_status(losses) == {"low": "closed", "high": "closed"}
+    # A band the cap cuts off stays open, and the grid stops after ``cap`` points on that side.
+    flat = study.extend_grid([1.0, 2.0], lambda lr: 6.0, cap=3)
+    assert flat == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    # A non-monotone end (outside the band, still falling) gets one more point, where the loss turns back up.
+    bumpy = {0.25: 6.5, 0.5: 6.0, 1.0: 6.4, 2.0: 6.2, 4.0: 6.3}
+    assert study.extend_grid([0.25, 0.5, 1.0, 2.0], bumpy.__getitem__) == [0.25, 0.5, 1.0, 2.0, 4.0]
 
 
 @pytest.mark.slow
