@@ -1125,7 +1125,9 @@ class _FlatWork(_Work):
         Stochastic rounding draws from the layer's step count: 1 for a layer's first step (as one process counts it),
         else the flat's count, which equals every layer's own while each layer steps whenever the flat does (a layer
         skipped for lack of a gradient then draws other, equally unbiased, numbers than one process would)."""
-        q, p, state = self.q8, self.p, self.state
+        q, state = self.q8, self.state
+        # the kernels take 1-D flats (FP16_UnfusedOptimizer's whole-tensor clones keep their shape)
+        p, g, codes = self.p.view(-1), self.p.grad.view(-1), state[CODES].view(-1)
         cfg = q8_config(self.group)
         self.denoms, self.scalars, self.cfg = denoms, scalars, cfg
         k = state[STEP] + 1
@@ -1140,7 +1142,7 @@ class _FlatWork(_Work):
         for rows, table, _, a1, c, _ in self.plan:
             if len(table):
                 b = self.kernels.q8_boundary_absmax_segments(
-                    p, p.grad, state[CODES], state[SCALES], table, denoms, beta1=a1, grad_scale=c,
+                    p, g, codes, state[SCALES], table, denoms, beta1=a1, grad_scale=c,
                     weight_decay=scalars["weight_decay"], decoupled=scalars["decoupled"], q8=cfg)
                 boundary[torch.tensor(rows, dtype=torch.long)] = b.to("cpu", torch.float32)
         return self._request(boundary)
@@ -1159,12 +1161,12 @@ class _FlatWork(_Work):
             self._q8_update(SlotMap.scatter(maxed.to("cpu"), self.q8.pairs))
 
     def _q8_update(self, boundary: Optional[Tensor]) -> None:
-        p, g, state, q = self.p, self.p.grad, self.state, self.q8
-        sc = self.scalars
+        state, q, sc = self.state, self.q8, self.scalars
+        p, g, codes = self.p.view(-1), self.p.grad.view(-1), state[CODES].view(-1)
         for rows, table, small, a1, c, step in self.plan:
             if len(table):
                 b = None if boundary is None else boundary.index_select(0, torch.tensor(rows, dtype=torch.long))
-                self.kernels.q8_update_segments_(p, g, state[CODES], state[SCALES], table, self.denoms,
+                self.kernels.q8_update_segments_(p, g, codes, state[SCALES], table, self.denoms,
                                                  None if b is None else b.to(p.device), beta1=a1, grad_scale=c,
                                                  q8=self.cfg, step=step, **sc)
             if small:

@@ -177,6 +177,20 @@ def equivalence_worker(rank, world):
                      "map": opt.param_groups[0]["quant_map"],
                      "shared_blocks": sum(q.n_slots for q in opt._flat_q8.values())}
         del engine
+    if world == 2:  # bf16: BF16_Optimizer's flat partitions against FP16_UnfusedOptimizer's whole tensors, which see
+        # the same DeepSpeed gradients at world 2 (tests/test_zero.py)
+        for name, zero, extra in (("bf16_optimizer", dict(stage=1), {"data_types": {"grad_accum_dtype": "fp32"}}),
+                                  ("bf16_unfused", dict(stage=0), {})):
+            cfg = {**ds_config(world, zero, gas=1, clip=0.0), "bf16": {"enabled": True}, **extra}
+            engine = new_engine(cfg)
+            for step in range(STEPS):
+                x, y = micro_batch(step, rank, 0, world, gas=1)
+                engine.backward(loss_fn(engine(x.bfloat16()).float(), y))
+                engine.step()
+            opt = engine.basic_optimizer
+            out[name] = {"wrapper": type(engine.optimizer).__name__, "codes": layer_codes(engine),
+                         "shared_blocks": sum(q.n_slots for q in opt._flat_q8.values())}
+            del engine
     return out
 
 
@@ -205,6 +219,14 @@ def test_zero_8bit_equals_one_process(world):
         for other in results[1:]:
             for n, t in r0["params"].items():
                 assert torch.equal(other[name]["params"][n], t), f"{name}: ranks disagree on {n}"
+    if world == 2:
+        sharded = assemble([r["bf16_optimizer"]["codes"] for r in results], numels)
+        whole = assemble([results[0]["bf16_unfused"]["codes"]], numels)
+        diff = {n: int((sharded[n] != whole[n]).sum()) for n in numels}
+        print(f"bf16: {results[0]['bf16_optimizer']['wrapper']} vs {results[0]['bf16_unfused']['wrapper']}: "
+              f"shared blocks {results[0]['bf16_optimizer']['shared_blocks']}, codes differing {diff}")
+        assert results[0]["bf16_optimizer"]["shared_blocks"] > 0
+        assert all(d == 0 for d in diff.values()), diff
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
