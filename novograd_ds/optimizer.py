@@ -47,8 +47,9 @@ STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "ma
 # Bound flat tensors keep v compact, one entry per layer, in memory and on disk (NOTE: [the compact checkpoint form]).
 EXP_AVG_LAYER, MAX_EXP_AVG_LAYER = "exp_avg_sq_layer", "max_exp_avg_sq_layer"
 _LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
-# Param-group keys of how the first moment is stored (kept from the constructor across load_state_dict)
-_STORAGE_KEYS = ("state_bits", "quant_map", "quant_rounding", "quant_seed")
+# Param-group keys of how the first moment is stored: the run's choice, kept from the constructor across
+# load_state_dict (and by the DeepSpeed adapter across its universal loaders)
+STORAGE_KEYS = ("state_bits", "quant_map", "quant_rounding", "quant_seed")
 # Key, in a flat's compact entry, of the index that places its 8-bit codes, scales and small moments
 Q8_INDEX = "q8"
 
@@ -846,7 +847,7 @@ class NovoGrad(Optimizer):
         state_dict["state"] = new_state
         # The storage of the first moment is this run's choice, not a hyperparameter to restore: a checkpoint of a
         # 32-bit run loads into state_bits=8 (quantised on the first step) and the other way round.
-        storage = [{k: g[k] for k in _STORAGE_KEYS if k in g} for g in self.param_groups]
+        storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, keep in zip(self.param_groups, storage):
             g.update(keep)

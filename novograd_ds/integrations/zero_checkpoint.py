@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from ..checkpoint import CheckpointError, load_mapped
-from ..optimizer import _STORAGE_KEYS
+from ..optimizer import STORAGE_KEYS
 
 __all__ = ["attach"]
 
@@ -32,11 +32,11 @@ _EXPANDED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 def _keep_storage(wrapper: Any):
-    """How this run stores its first moment (``_STORAGE_KEYS``) is its own choice, not a hyperparameter of the saved
+    """How this run stores its first moment (``STORAGE_KEYS``) is its own choice, not a hyperparameter of the saved
     run: DeepSpeed's universal loaders copy every saved param-group key into the live groups, so these are put back
     (a 32-bit checkpoint resumes an 8-bit run, which quantises the loaded exp_avg, and the other way round)."""
     groups = wrapper.optimizer.param_groups
-    saved = [{k: g[k] for k in _STORAGE_KEYS if k in g} for g in groups]
+    saved = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in groups]
 
     def restore() -> None:
         for g, keep in zip(groups, saved):
@@ -162,7 +162,7 @@ def _zero3_universal(wrapper: Any, original: Any):
                 "they cannot be restored per group. Build the optimizer with the param groups of the saved run")
         for group, saved_group in zip(current, groups):
             for key, value in saved_group.items():
-                if key != "params" and key not in _STORAGE_KEYS:
+                if key != "params" and key not in STORAGE_KEYS:
                     group[key] = value
         return result
 
