@@ -1139,13 +1139,13 @@ class _FlatWork(_Work):
         if not q.n_slots:
             self._q8_update(None)
             return None
-        boundary = torch.zeros(len(q.table), 2, dtype=torch.float32)
+        boundary = torch.zeros(len(q.table), 2, dtype=torch.float32, device=p.device)  # stays on the device
         for rows, table, _, a1, c, _ in self.plan:
             if len(table):
                 b = self.kernels.q8_boundary_absmax_segments(
                     p, g, codes, state[SCALES], table, denoms, beta1=a1, grad_scale=c,
                     weight_decay=scalars["weight_decay"], decoupled=scalars["decoupled"], q8=cfg)
-                boundary[torch.tensor(rows, dtype=torch.long)] = b.to("cpu", torch.float32)
+                boundary[torch.tensor(rows, dtype=torch.long, device=p.device)] = b.to(torch.float32)
         return self._request(boundary)
 
     def _request(self, boundary: Optional[Tensor]) -> Optional[tuple[Tensor, tuple]]:
@@ -1154,22 +1154,22 @@ class _FlatWork(_Work):
         if q is None or not q.n_slots:
             return None
         if boundary is None:
-            return torch.zeros(q.n_slots, dtype=torch.float32), q.reductions
+            return torch.zeros(q.n_slots, dtype=torch.float32, device=self.p.device), q.reductions
         return SlotMap.gather(boundary, q.pairs, q.n_slots), q.reductions
 
     def complete(self, maxed: Tensor) -> None:
         if self.plan:
-            self._q8_update(SlotMap.scatter(maxed.to("cpu"), self.q8.pairs))
+            self._q8_update(SlotMap.scatter(maxed.to(self.p.device), self.q8.pairs))
 
     def _q8_update(self, boundary: Optional[Tensor]) -> None:
         state, q, sc = self.state, self.q8, self.scalars
         p, g, codes = self.p.view(-1), self.p.grad.view(-1), state[CODES].view(-1)
         for rows, table, small, a1, c, step in self.plan:
             if len(table):
-                b = None if boundary is None else boundary.index_select(0, torch.tensor(rows, dtype=torch.long))
-                self.kernels.q8_update_segments_(p, g, codes, state[SCALES], table, self.denoms,
-                                                 None if b is None else b.to(p.device), beta1=a1, grad_scale=c,
-                                                 q8=self.cfg, step=step, **sc)
+                b = None if boundary is None else boundary.index_select(
+                    0, torch.tensor(rows, dtype=torch.long, device=boundary.device))
+                self.kernels.q8_update_segments_(p, g, codes, state[SCALES], table, self.denoms, b, beta1=a1,
+                                                 grad_scale=c, q8=self.cfg, step=step, **sc)
             if small:
                 w, m = q.small_views(p, state[SMALL], small)
                 grads, _ = q.small_views(g, state[SMALL], small)
