@@ -12,8 +12,10 @@ run (torch.add(a, b, out=c), a.add_(b) and copy_ over 256 MiB arrays, interleave
 8-bit rows (``--eightbit``, on by default; NOTE: [8-bit moment]): the fused op's 8-bit NovoGrad step for each map and
 rounding, driven through the kernel seam the way the plain path steps (one ``q8_layer_step_`` call for the tensors of
 >= 4096 elements and one fp32 ``layer_step_`` for the others, each a layer at a time: norm, second moment, update),
-with its state as the 8-bit layout allocates it. It moves 18 bytes per parameter (read g twice, read and write w and the codes)
-against AdamW's 28 (read g, w, m, v; write w, m, v); its floor is 18 B/param at the same bandwidth.
+with its state as the 8-bit layout allocates it; and rows of ``NovoGrad(state_bits=8, fused=True)`` itself (the same
+op behind the optimizer's param groups and buckets) for both maps with stochastic rounding. It moves 18 bytes per
+parameter (read g twice, read and write w and the codes) against AdamW's 28 (read g, w, m, v; write w, m, v); its
+floor is 18 B/param at the same bandwidth.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ BYTES_PER_PARAM = 24
 BYTES_PER_PARAM_8BIT = 18  # + 2 x 4/256 for the block scales
 BYTES_PER_PARAM_ADAMW = 28
 EIGHTBIT_VARIANTS = (("linear", "nearest"), ("linear", "stochastic"), ("sqrt", "nearest"), ("sqrt", "stochastic"))
+# the same step through the optimizer itself (param groups, state dict, buckets: its Python overhead included)
+OPTIMIZER_8BIT_VARIANTS = (("linear", "stochastic"), ("sqrt", "stochastic"))
 
 
 class EightBitNovoGrad:
@@ -138,6 +142,15 @@ def main(argv=None) -> int:
         for qmap, rounding in EIGHTBIT_VARIANTS:
             add(f"novograd_ds fused 8-bit {qmap}/{rounding}",
                 lambda p, m=qmap, r=rounding: EightBitNovoGrad(p, lr=1e-3, weight_decay=1e-3, qmap=m, rounding=r))
+        for qmap, rounding in OPTIMIZER_8BIT_VARIANTS:
+            def q8_optimizer(params, m=qmap, r=rounding):
+                opt = NovoGrad(params, lr=1e-3, weight_decay=1e-3, fused=True, state_bits=8, quant_map=m,
+                               quant_rounding=r)
+                opt.step()
+                assert opt.backend == "fused", opt.backend
+                return opt
+
+            add(f"NovoGrad(state_bits=8) 8-bit {qmap}/{rounding}", q8_optimizer)
     add("torch AdamW fused=True", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-3, fused=True))
 
     def ds_cpu_adam(params):
@@ -209,7 +222,8 @@ def main(argv=None) -> int:
               f"{opts[eight[0]].state_bytes() / n_params:.3f} B/param; AdamW {BYTES_PER_PARAM_ADAMW} B/param moved, "
               f"state 8 B/param; floor at 18 B/param {BYTES_PER_PARAM_8BIT * n_params / bw * 1e3:.2f} ms):")
         for k in eight:
-            line = f"  {k.replace('novograd_ds fused 8-bit ', ''):20s} {rows[k] * 1e3:7.2f} ms"
+            name = k.replace("novograd_ds fused 8-bit ", "op ").replace("NovoGrad(state_bits=8) 8-bit ", "NovoGrad ")
+            line = f"  {name:26s} {rows[k] * 1e3:7.2f} ms"
             if adamw is not None:
                 line += f"   / AdamW-fused {rows[k] / adamw:.3f} (<= 0.70)"
             line += f"   / floor {rows[k] / (BYTES_PER_PARAM_8BIT * n_params / bw):.3f}"
