@@ -57,6 +57,9 @@ EIGHTBIT = dict(state_bits=8, quant_map="sqrt", quant_rounding="stochastic")
 EIGHTBIT_NAME = "novograd_8bit"  # a run's optimizer name: NovoGrad as in OPTIMIZERS["novograd"], plus EIGHTBIT
 EIGHTBIT_TOLERANCE = 0.02        # issue #14: 8-bit final validation loss within this of 32-bit, every rate and seed
 EIGHTBIT_SEEDS = (0, 1)
+# The control: the same 8-bit runs with another stochastic-rounding stream (quant_seed), so the 8-bit minus 32-bit
+# differences can be read against what the rounding's randomness alone moves the final loss by.
+EIGHTBIT_CONTROL_NAME, EIGHTBIT_CONTROL = "novograd_8bit_qseed1", dict(quant_seed=1)
 
 
 # NOTE: [closed band] The good band of a sweep is closed on a side when the grid's end point on that side is outside the
@@ -186,6 +189,15 @@ def _split_blocks(model):
     return blocks, [p for p in model.parameters() if id(p) not in ids]
 
 
+def quant_settings(name: str) -> dict | None:
+    """The quantisation settings of an 8-bit run's optimizer name (None for the others)."""
+    if name == EIGHTBIT_NAME:
+        return dict(EIGHTBIT)
+    if name == EIGHTBIT_CONTROL_NAME:
+        return dict(EIGHTBIT, **EIGHTBIT_CONTROL)
+    return None
+
+
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, aux_lr: float | None = None) -> torch.optim.Optimizer:
     if name in VARIANTS:
         nv, aw = OPTIMIZERS["novograd"]["kwargs"], OPTIMIZERS["adamw"]["kwargs"]
@@ -202,9 +214,10 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, aux_lr: float |
         aw_groups = [dict(g, lr_scale=aux_lr / lr) for g in split(aw_params, aw["weight_decay"]) if g["params"]]
         return Combined(NovoGrad(nv_groups, lr=lr, betas=nv["betas"]),
                         torch.optim.AdamW(aw_groups, lr=aux_lr, betas=aw["betas"]))
-    if name == EIGHTBIT_NAME:
+    if name in (EIGHTBIT_NAME, EIGHTBIT_CONTROL_NAME):
         kw = dict(OPTIMIZERS["novograd"]["kwargs"])
-        return NovoGrad(param_groups(model, kw.pop("weight_decay")), lr=lr, **kw, **EIGHTBIT)
+        extra = EIGHTBIT_CONTROL if name == EIGHTBIT_CONTROL_NAME else {}
+        return NovoGrad(param_groups(model, kw.pop("weight_decay")), lr=lr, **kw, **EIGHTBIT, **extra)
     kw = dict(OPTIMIZERS[name]["kwargs"])
     groups = param_groups(model, kw.pop("weight_decay"))
     if name == "novograd":
@@ -277,7 +290,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, evaluate(model, val)))
     final = curve[-1][1] if curve and not diverged else float("inf")
-    extra = dict(quant=dict(EIGHTBIT)) if opt_name == EIGHTBIT_NAME else {}
+    extra = dict(quant=quant_settings(opt_name)) if quant_settings(opt_name) else {}
     return dict(**extra, optimizer=opt_name, lr=lr, seed=seed, warmup=warmup, batch_tokens=batch_tokens, steps=steps,
                 final_val_loss=final, diverged=diverged, val_curve=curve, train_curve=train_curve,
                 wall_s=time.perf_counter() - t0, state_bytes=state_bytes(opt),
@@ -307,8 +320,8 @@ class Study:
             key += f"|steps={steps}"
         if aux_lr is not None:
             key += f"|aux_lr={aux_lr:.6g}"
-        if opt_name == EIGHTBIT_NAME:
-            key += "|" + ",".join(f"{k}={v}" for k, v in EIGHTBIT.items())
+        if quant_settings(opt_name):
+            key += "|" + ",".join(f"{k}={v}" for k, v in quant_settings(opt_name).items())
         for r in self.data["runs"]:
             if r["key"] == key:
                 return r
@@ -359,6 +372,9 @@ class Study:
             for s in EIGHTBIT_SEEDS:
                 self.run("novograd", lr, seed=s)
                 self.run(EIGHTBIT_NAME, lr, seed=s)
+        for lr in lrs:
+            for s in EIGHTBIT_SEEDS:
+                self.run(EIGHTBIT_CONTROL_NAME, lr, seed=s)
         big_steps = 2 if self.tiny else self.cfg.big_batch_steps
         big_tokens = self.cfg.micro_batch * self.cfg.seq_len * 2 if self.tiny else self.cfg.big_batch_tokens
         self.run("novograd", best["novograd"], batch_tokens=big_tokens, steps=big_steps)
@@ -403,9 +419,11 @@ def summarize_eightbit(data: dict) -> dict | None:
                 d = r8["final_val_loss"] - r32["final_val_loss"]
                 curve32 = dict(map(tuple, r32["val_curve"]))
                 curve_diff = [(step, v - curve32[step]) for step, v in r8["val_curve"] if step in curve32]
+                rc = runs.get((EIGHTBIT_CONTROL_NAME, lr, seed))
                 rows.append(dict(lr=lr, seed=seed, fp32=r32["final_val_loss"], q8=r8["final_val_loss"],
                                  diff=d if math.isfinite(d) else math.inf, q8_wall_s=r8["wall_s"],
-                                 fp32_wall_s=r32["wall_s"], curve_diff=curve_diff))
+                                 fp32_wall_s=r32["wall_s"], curve_diff=curve_diff,
+                                 q8_control=rc["final_val_loss"] if rc else None))
     if not rows:
         return None
     q8 = next(r for r in data["runs"] if r["optimizer"] == EIGHTBIT_NAME)
@@ -413,6 +431,9 @@ def summarize_eightbit(data: dict) -> dict | None:
     adamw = next((r for r in data["runs"] if r["optimizer"] == "adamw"), None)
     return dict(settings=q8["quant"], tolerance=EIGHTBIT_TOLERANCE, rows=rows,
                 max_abs_diff=max(abs(r["diff"]) for r in rows), seed_spread_fp32=seed_spread(rows),
+                control=dict(EIGHTBIT_CONTROL),
+                control_max_abs_diff=max((abs(r["q8_control"] - r["q8"]) for r in rows
+                                          if r["q8_control"] is not None), default=None),
                 half_steps=cfg["steps"] // 2,
                 half_max_abs_diff=max((abs(d) for r in rows for step, d in r["curve_diff"]
                                        if step <= cfg["steps"] // 2), default=None),
@@ -631,15 +652,23 @@ def eightbit_claim_rows(eb: dict | None, main_job: dict | None, verdict) -> list
 
 
 def eightbit_table(e: dict) -> list[str]:
-    out = ["| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit |", "|---|---|---|---|---|"]
+    ctl = e.get("control_max_abs_diff") is not None
+    ctl_name = ", ".join(f"{k}={v}" for k, v in (e.get("control") or {}).items())
+    out = ["| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit |"
+           + (f" 8-bit, {ctl_name} | its minus 8-bit |" if ctl else ""),
+           "|---|---|---|---|---|" + ("---|---|" if ctl else "")]
     for r in e["rows"]:
-        out.append(f"| {r['lr']:.4g} | {r['seed']} | {r['fp32']:.4f} | {r['q8']:.4f} | {r['diff']:+.4f} |")
+        out.append(f"| {r['lr']:.4g} | {r['seed']} | {r['fp32']:.4f} | {r['q8']:.4f} | {r['diff']:+.4f} |"
+                   + (f" {r['q8_control']:.4f} | {r['q8_control'] - r['q8']:+.4f} |"
+                      if ctl and r.get("q8_control") is not None else " | |" if ctl else ""))
     if e.get("seed_spread_fp32") is not None:
         out += ["", "For scale: the two 32-bit seeds at one learning rate differ by up to "
                 f"{e['seed_spread_fp32']:.4f}; the 8-bit runs differ from their 32-bit twins by "
                 f"{e['max_abs_diff']:.4f} at most, 8-bit lower in {sum(r['diff'] < 0 for r in e['rows'])} of "
                 f"{len(e['rows'])} pairs (mean "
-                f"{e['mean_diff']:+.4f})."]
+                f"{e['mean_diff']:+.4f})."
+                + (f" The same 8-bit runs with another rounding stream ({ctl_name}) differ from the first by up to "
+                   f"{e['control_max_abs_diff']:.4f}." if ctl else "")]
     return out
 
 
@@ -653,7 +682,7 @@ def eightbit_section(eb: dict | None, cfg: dict) -> list[str]:
     return [
         "## 8-bit NovoGrad state against 32-bit",
         "",
-        f"`NovoGrad(..., {settings_text(eb)})` (the rest as in the sweep) at NovoGrad's best learning rate and its two "
+        f"`NovoGrad(..., {settings_text(eb)})` (the rest as in the sweep) at NovoGrad's best learning rate and its "
         f"grid neighbours ({len({r['lr'] for r in eb['rows']})} rates), seeds "
         f"{', '.join(str(x) for x in EIGHTBIT_SEEDS)}, {cfg['steps']} steps each; the 32-bit "
         f"runs are the sweep's (seed 0) and their second seed. Final validation loss (nats/token), tolerance "
@@ -694,7 +723,8 @@ def eightbit_main_section(mj: dict) -> list[str]:
     return [
         "## 8-bit NovoGrad state on the main job",
         "",
-        f"Command: `{mj['command']}` (runtime {e['wall_s_total'] / 60:.0f} min on 2 CPU cores for "
+        f"Command: `{mj['command']}` (results: a copy in `docs/data/eightbit_main_results.json`; runtime "
+        f"{e['wall_s_total'] / 60:.0f} min on 2 CPU cores for "
         f"{len(mj['runs'])} trainings). `python -m novograd_ds.train` at {model} ({e['n_params'] / 1e6:.2f}M "
         f"parameters), {e['engine']}, {c['steps']} steps each (the cosine schedule over the run), the main job's "
         f"default learning rate {c['lrs'][len(c['lrs']) // 2]:g} and its factor-2 neighbours, seeds "
@@ -829,6 +859,26 @@ def reading(data: dict) -> list[str]:
             f"{big['batch_tokens'] // (cfg['micro_batch'] * cfg['seq_len'])} micro-batches) at NovoGrad's best learning "
             f"rate, no warmup: no divergence, validation loss falling at every evaluation, final "
             f"{big['final_val_loss']:.3f}.")
+    eb = s.get("eightbit")
+    if eb:
+        within = sum(abs(r["diff"]) <= eb["tolerance"] for r in eb["rows"])
+        lower = sum(r["diff"] < 0 for r in eb["rows"])
+        text = (f"- **8-bit state.** Within {eb['tolerance']} of 32-bit in {within} of {len(eb['rows'])} pairs "
+                f"(largest difference {eb['max_abs_diff']:.3f}); the 8-bit run ends lower in {lower} of "
+                f"{len(eb['rows'])} (mean {eb['mean_diff']:+.3f})")
+        misses = [r["diff"] for r in eb["rows"] if abs(r["diff"]) > eb["tolerance"]]
+        text += ": where it misses, the 8-bit run is the better one. " if misses and max(misses) < 0 else ". "
+        noise = [f"the two 32-bit seeds differ by up to {eb['seed_spread_fp32']:.3f}"] \
+            if eb.get("seed_spread_fp32") is not None else []
+        if eb.get("control_max_abs_diff") is not None:
+            noise.append(f"another rounding stream moves an 8-bit run by up to {eb['control_max_abs_diff']:.3f}")
+        if noise:
+            text += (f"For scale, on this plateau near the unigram entropy {' and '.join(noise)}: a "
+                     f"{eb['tolerance']} tolerance on one run's final loss is "
+                     + ("below" if max(eb.get("seed_spread_fp32") or 0, eb.get("control_max_abs_diff") or 0)
+                        > eb["tolerance"] else "above")
+                     + " the run-to-run noise of this budget.")
+        out.append(text)
     out.append(
         f"- **Memory.** NovoGrad's state is {s['state_ratio_novograd_adamw']:.3f}x AdamW's: one moment per element "
         "plus one fp32 scalar per tensor, against two moments per element.")

@@ -77,8 +77,8 @@ def test_tiny_study_end_to_end(tmp_path):
     s = data["summary"]
     names = {r["optimizer"] for r in data["runs"]}
     assert names == {"novograd", "adamw", "sgd", "novograd+grad_averaging", "novograd_blocks+adamw_rest",
-                     "adamw_blocks+novograd_rest"}
-    assert set(s["variants"]) == names - {"novograd", "adamw", "sgd"}
+                     "adamw_blocks+novograd_rest", "novograd_8bit", "novograd_8bit_qseed1"}
+    assert set(s["variants"]) == names - {"novograd", "adamw", "sgd", "novograd_8bit", "novograd_8bit_qseed1"}
     assert set(s["long"]) == {"novograd", "adamw"}
     n_params = data["runs"][0]["n_params"]
     n_tensors_bytes = s["novograd"]["state_bytes"] - 4 * n_params
@@ -104,6 +104,9 @@ def test_tiny_study_end_to_end(tmp_path):
         assert row["q8"] == r8["final_val_loss"] and row["fp32"] == r32["final_val_loss"]
         assert row["diff"] == r8["final_val_loss"] - r32["final_val_loss"]
         assert abs(row["diff"]) < 0.05  # 4 steps from the same start: the state's rounding barely shows yet
+        # The control: the same 8-bit run with another stochastic-rounding stream.
+        rc = runs[("novograd_8bit_qseed1", row["lr"], row["seed"])]
+        assert rc["quant"] == dict(eb["settings"], quant_seed=1) and row["q8_control"] == rc["final_val_loss"]
     sweep_keys = [r["key"] for r in data["runs"] if r["optimizer"] == "novograd" and r["seed"] == 0]
     assert len(sweep_keys) == len(set(sweep_keys))  # the sweep's 32-bit runs were reused, not run again
     assert eb["met"] == all(abs(r["diff"]) <= 0.02 for r in eb["rows"])
@@ -119,6 +122,6 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "## What was tried where NovoGrad trails" in page
     assert "| 8-bit NovoGrad state within 0.02 of 32-bit at every rate and seed (this study) |" in page
     assert "## 8-bit NovoGrad state against 32-bit" in page
-    assert "| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit |" in page
+    assert "| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit | 8-bit, quant_seed=1 | its minus 8-bit |" in page
     assert (doc.parent / "study_lr_sweep.png").stat().st_size > 1000
     assert (doc.parent / "study_curves.png").stat().st_size > 1000
