@@ -23,11 +23,12 @@ produces exactly the elements ``[start, start + length)`` of the expanded tensor
 its layer's v, elements in no segment 0) from the compact values and the index, one fragment at a time;
 ``novograd_ds.integrations.universal`` does that inside the conversion, on the CPU.
 
-Extending the form (e.g. an 8-bit first moment: uint8 codes per element plus one fp32 scale per 256-element block):
-put the new tensors in the ``COMPACT`` dict under new keys (``exp_avg_codes`` [numel] uint8, ``exp_avg_scales``
-[ceil(numel / 256)] fp32), leave ``exp_avg`` out of the top level, and teach :func:`expand_fragment`'s caller to
-produce ``exp_avg`` fragments from them the same way. Bump ``COMPACT_FORMAT`` only for a change an older reader
-would misread; readers ignore keys they do not know, and refuse a format newer than theirs.
+An 8-bit first moment (``state_bits=8``, NOTE: [8-bit flats] in ``quantized.py``) extends the form: the entry's
+top level holds ``exp_avg_codes`` (int8, per element, like ``exp_avg``, which it replaces) and the ``COMPACT`` dict
+``exp_avg_scales`` (fp32 block scales), ``exp_avg_small`` (fp32 moments of small layers' segments) and ``q8`` (the map
+and the index that places them); the universal converter dequantises ``exp_avg`` fragments from them. Readers ignore
+keys they do not know, and refuse a format newer than theirs; bump ``COMPACT_FORMAT`` only for a change an older
+reader would misread.
 
 Checkpoints written before this form (up to commit 997ee90) carry a per-element ``exp_avg_sq`` instead of the
 ``COMPACT`` dict; they still load (the first step folds them back, exactly), see NovoGrad._init_flat_state.

@@ -31,8 +31,8 @@ from torch.optim import Optimizer
 from .checkpoint import COMPACT, COMPACT_FORMAT, CheckpointError, compact_entry, segment_index, segments_from_index
 from .kernels import KernelBackend, SegmentTable
 from .kernels import eightbit as eb
-from .quantized import (CODES, Q8_KEYS, SCALES, SMALL, RunGeometry, SlotMap, check_state_bits, dequantize_run,
-                        is_quantized, q8_config, quantize_into, shared_blocks)
+from .quantized import (CODES, Q8_KEYS, SCALES, SMALL, FlatQ8, RunGeometry, SlotMap, check_state_bits,
+                        dequantize_run, is_quantized, q8_config, quantize_into, shared_blocks)
 from .kernels.foreach import ForeachBackend
 from .kernels.reference import ReferenceBackend
 from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, group_spans, reduce_layer_max,
@@ -47,8 +47,11 @@ STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq", "ma
 # Bound flat tensors keep v compact, one entry per layer, in memory and on disk (NOTE: [the compact checkpoint form]).
 EXP_AVG_LAYER, MAX_EXP_AVG_LAYER = "exp_avg_sq_layer", "max_exp_avg_sq_layer"
 _LAYER_STATE_KEYS = (EXP_AVG_SQ, MAX_EXP_AVG_SQ)
-# Param-group keys of how the first moment is stored (kept from the constructor across load_state_dict)
-_STORAGE_KEYS = ("state_bits", "quant_map", "quant_rounding", "quant_seed")
+# Param-group keys of how the first moment is stored: the run's choice, kept from the constructor across
+# load_state_dict (and by the DeepSpeed adapter across its universal loaders)
+STORAGE_KEYS = ("state_bits", "quant_map", "quant_rounding", "quant_seed")
+# Key, in a flat's compact entry, of the index that places its 8-bit codes, scales and small moments
+Q8_INDEX = "q8"
 
 BACKENDS = ("reference", "foreach", "fused")
 
@@ -201,6 +204,8 @@ class NovoGrad(Optimizer):
         # 8-bit state (NOTE: [8-bit state] in quantized.py): per parameter its run geometry (None: fp32 moment)
         self._q8_geoms: dict[int, Optional[RunGeometry]] = {}
         self._flat_q8: dict[int, Any] = {}
+        # id(param) -> the map of 8-bit state loaded into a 32-bit group (converted on the next step)
+        self._loaded_maps: dict[int, str] = {}
         # Test/diagnostic switch: step unknown tensors as if each were one layer (the per-shard mistake).
         self._naive_per_tensor = False
 
@@ -234,6 +239,7 @@ class NovoGrad(Optimizer):
         self.__dict__.setdefault("_zero_grad_is_missing", False)
         self.__dict__.setdefault("_q8_geoms", {})
         self.__dict__.setdefault("_flat_q8", {})
+        self.__dict__.setdefault("_loaded_maps", {})
         self.__dict__.setdefault("_naive_per_tensor", False)
 
     # -- backend choice ----------------------------------------------------------------------------
@@ -467,7 +473,7 @@ class NovoGrad(Optimizer):
         scales = state.pop(SCALES)
         run = shard.run(p) if shard is not None and shard.run is not None else (0, p.numel(), ())
         local_codes = shard.local(codes) if shard is not None else codes
-        qmap = group.get("quant_map") or eb.DEFAULT_MAP
+        qmap = self._loaded_maps.pop(id(p), None) or group.get("quant_map") or eb.DEFAULT_MAP
         m = dequantize_run(local_codes, scales, int(run[0]), qmap)
         state[EXP_AVG] = shard.new_state(p) if shard is not None else torch.zeros_like(p)
         target = shard.local(state[EXP_AVG]) if shard is not None else state[EXP_AVG]
@@ -586,17 +592,42 @@ class NovoGrad(Optimizer):
         return bool(done)
 
     # -- bound flat tensors: state ------------------------------------------------------------------------------------
+    def _flat_q8_of(self, layout: FlatLayout, group: dict[str, Any]) -> Optional[FlatQ8]:
+        """The 8-bit geometry of a bound flat (NOTE: [8-bit flats]), or None for an fp32 first moment."""
+        if q8_config(group) is None:
+            return None
+        geom = self._flat_q8.get(id(layout.tensor))
+        if geom is None:
+            geom = self._flat_q8[id(layout.tensor)] = FlatQ8(layout)
+        return geom
+
     def _init_flat_state(self, p: Tensor, layout: FlatLayout, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        q8 = self._flat_q8_of(layout, group)
         if EXP_AVG_LAYER not in state:
-            if not any(k in state for k in (STEP, EXP_AVG, EXP_AVG_SQ)):
+            if not any(k in state for k in (STEP, EXP_AVG, EXP_AVG_SQ, CODES)):
                 state[STEP] = 0
-                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if q8 is None:
+                    state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state.update(q8.new_state(p))
                 state[EXP_AVG_LAYER] = torch.zeros(layout.n_layers, dtype=vdtype, device=p.device)
             else:
                 self._fold_flat_state(state, layout, p)
             state[EXP_AVG_LAYER].swappable = False  # DeepSpeed's NVMe swapper must leave this small vector alone
+        if q8 is not None and CODES not in state:
+            # a 32-bit (or universal) checkpoint loaded into state_bits=8: quantise its exp_avg (collective: MAX)
+            m = state.pop(EXP_AVG)
+            state.update(q8.new_state(p))
+            red = q8.reductions
+            q8.quantize(m, state, q8_config(group),
+                        lambda vec: reduce_layer_sums([(vec, red)], op=torch.distributed.ReduceOp.MAX)[0])
+        elif q8 is None and CODES in state:
+            qmap = self._loaded_maps.pop(id(p), None) or eb.DEFAULT_MAP
+            state[EXP_AVG] = FlatQ8(layout).dequantize(state, qmap, p.numel()).view_as(p).to(p.dtype)
+            for k in Q8_KEYS:
+                state.pop(k, None)
         if group["amsgrad"] and MAX_EXP_AVG_LAYER not in state:
             if state[STEP]:
                 logger.warning("NovoGrad: %s: amsgrad is on but the state has no running maximum of v (a checkpoint "
@@ -609,7 +640,7 @@ class NovoGrad(Optimizer):
     @staticmethod
     def _check_flat_state(state: Mapping[str, Any], where: str, numel: int, *, expanded: bool) -> None:
         """Raise :class:`CheckpointError` naming what a flat's loaded state lacks (never start it afresh)."""
-        missing = [k for k in (STEP, EXP_AVG) if k not in state]
+        missing = [k for k in (STEP, CODES if CODES in state else EXP_AVG) if k not in state]
         if expanded:
             per_element = state.get(EXP_AVG_SQ)
             if per_element is None:
@@ -651,7 +682,11 @@ class NovoGrad(Optimizer):
         for layout in self._layouts.values():
             state = self.state.get(layout.tensor)
             if state and EXP_AVG_LAYER not in state and EXP_AVG_SQ in state:
-                self._fold_flat_state(state, layout, layout.tensor)
+                group = next((g for g in self.param_groups if any(q is layout.tensor for q in g["params"])), None)
+                if group is not None:
+                    self._init_flat_state(layout.tensor, layout, group)  # folds v; an 8-bit group quantises exp_avg
+                else:  # ZeRO-3 puts a sub-group's flat in a param group only while it steps: quantised then
+                    self._fold_flat_state(state, layout, layout.tensor)
                 folded += 1
         return folded
 
@@ -705,6 +740,9 @@ class NovoGrad(Optimizer):
                                EXP_AVG_LAYER: st.pop(EXP_AVG_LAYER)}
                     if MAX_EXP_AVG_LAYER in st:
                         compact[MAX_EXP_AVG_LAYER] = st.pop(MAX_EXP_AVG_LAYER)
+                    if CODES in st:  # 8-bit: codes per element stay on top, like exp_avg (NOTE: [8-bit flats])
+                        compact[SCALES], compact[SMALL] = st.pop(SCALES), st.pop(SMALL)
+                        compact[Q8_INDEX] = FlatQ8(layout).index(group["quant_map"])
                     st[COMPACT] = compact
                     sd["state"][index] = st
                 index += 1
@@ -751,6 +789,8 @@ class NovoGrad(Optimizer):
         where = {i: f"state entry {i} (param group {gi}, position {j})"
                  for gi, g in enumerate(state_dict["param_groups"]) for j, i in enumerate(g["params"])}
         layer_state: dict[Any, dict[str, Tensor]] = {}
+        saved_maps: dict[Any, str] = {}  # entries holding 8-bit codes -> the map they are in
+        saved_group_map = {i: g.get("quant_map") for g in state_dict["param_groups"] for i in g["params"]}
         new_state = {}
         for key, st in state_dict["state"].items():
             st = dict(st)
@@ -776,7 +816,16 @@ class NovoGrad(Optimizer):
                         f"{len(layout.segments)}: the partitioning changed. Convert the checkpoint with python -m "
                         "novograd_ds.universal and load it with \"checkpoint\": {\"load_universal\": true}")
                 self._check_flat_state(st, f"{label} ({layout.label})", p.numel(), expanded=False)
-                layer_state[key] = {k: compact[k] for k in (EXP_AVG_LAYER, MAX_EXP_AVG_LAYER) if k in compact}
+                layer_state[key] = {k: compact[k] for k in (EXP_AVG_LAYER, MAX_EXP_AVG_LAYER, SCALES, SMALL)
+                                    if k in compact}
+                if CODES in st:
+                    if SCALES not in compact or SMALL not in compact or Q8_INDEX not in compact:
+                        raise CheckpointError(
+                            f"NovoGrad.load_state_dict: {label} ({layout.label}) has 8-bit codes but its compact "
+                            f"state lacks {[k for k in (SCALES, SMALL, Q8_INDEX) if k not in compact]}: the "
+                            "checkpoint is damaged")
+                    layer_state[key][CODES] = st.pop(CODES)
+                    saved_maps[key] = compact[Q8_INDEX]["map"]
             elif flat:
                 self._check_flat_state(st, f"{label} ({layout.label})", p.numel(), expanded=True)
             elif p is not None:
@@ -785,6 +834,8 @@ class NovoGrad(Optimizer):
                                     and st[k].dim() == 0}
                 # 8-bit state keeps its dtypes (torch's loader would cast int8 codes and fp32 scales to the param's)
                 layer_state[key].update({k: st.pop(k) for k in Q8_KEYS if k in st and isinstance(st[k], Tensor)})
+                if CODES in layer_state[key]:
+                    saved_maps[key] = saved_group_map.get(key) or eb.DEFAULT_MAP
             new_state[key] = st
         if new_state:
             for key, p in id_to_param.items():
@@ -796,17 +847,23 @@ class NovoGrad(Optimizer):
         state_dict["state"] = new_state
         # The storage of the first moment is this run's choice, not a hyperparameter to restore: a checkpoint of a
         # 32-bit run loads into state_bits=8 (quantised on the first step) and the other way round.
-        storage = [{k: g[k] for k in _STORAGE_KEYS if k in g} for g in self.param_groups]
+        storage = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, keep in zip(self.param_groups, storage):
             g.update(keep)
         self._q8_geoms.clear()
+        self._check_saved_maps(saved_maps, id_to_param, where)
         for key, entries in layer_state.items():
             p = id_to_param[key]
             vdtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            layout = self._layouts.get(id(p))
+            flat_entry = layout is not None and layout.tensor is p
             for k, t in entries.items():
                 if k == CODES:
                     self.state[p][k] = t.detach().to(device=p.device).clone()
+                    continue
+                if k == SMALL or (k == SCALES and flat_entry):
+                    self.state[p][k] = t.detach().to(device=p.device, dtype=torch.float32).clone()
                     continue
                 if k == SCALES:
                     self.state[p][k] = self._local_scales(p, t.detach()).to(device=t.device if p.device.type == "meta"
@@ -816,6 +873,21 @@ class NovoGrad(Optimizer):
                 self.state[p][k] = t.detach().to(device=self._local_device(p), dtype=vdtype).clone()
                 if k == EXP_AVG_LAYER:
                     self.state[p][k].swappable = False
+
+    def _check_saved_maps(self, saved_maps: Mapping[Any, str], id_to_param: Mapping[Any, Tensor],
+                          where: Mapping[Any, str]) -> None:
+        """Codes are only meaningful in the map they were written in: an 8-bit group must use the same map as the
+        checkpoint's; a 32-bit group dequantises them with the saved map on its next step."""
+        for key, qmap in saved_maps.items():
+            p = id_to_param[key]
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            if q8_config(group) is None:
+                self._loaded_maps[id(p)] = qmap
+            elif group["quant_map"] != qmap:
+                raise CheckpointError(
+                    f"NovoGrad.load_state_dict: {where.get(key, key)} holds 8-bit codes in the {qmap!r} map; this "
+                    f"optimizer's group uses quant_map={group['quant_map']!r}. Construct it with quant_map={qmap!r} "
+                    "to resume (or state_bits=32, which converts the codes)")
 
     def _local_device(self, p: Tensor) -> torch.device:
         shard = self._shard_of(p)
@@ -993,6 +1065,8 @@ class _FlatWork(_Work):
         if g is not None and g.is_sparse:
             raise RuntimeError("NovoGrad: a DeepSpeed flat partition has a sparse gradient; this is not supported")
         self.state = opt._init_flat_state(p, layout, group)
+        self.q8 = opt._flat_q8_of(layout, group)
+        self.plan: list = []
         self.kernels = opt._kernels(group, p.device)
         opt.backend = self.kernels.name
         if g is None:  # still part of the reduction (the collective contract); nothing to update
@@ -1002,10 +1076,10 @@ class _FlatWork(_Work):
             self.partial = self.kernels.sq_norms_segments(g, layout.segments, layout.n_layers)
         self.reductions = opt._reductions_of_flat(layout)
 
-    def finish(self, n: Tensor) -> None:
+    def finish(self, n: Tensor) -> Optional[tuple[Tensor, tuple]]:
         p, layout, state, group = self.p, self.layout, self.state, self.group
         if p.grad is None:
-            return
+            return self._request(None)
         v = state[EXP_AVG_LAYER]
         vmax = state.get(MAX_EXP_AVG_LAYER) if group["amsgrad"] else None
         n = n.to(v.device)
@@ -1013,7 +1087,7 @@ class _FlatWork(_Work):
         skip, fresh = flags[0], flags[1] & ~flags[0]
         later = ~(flags[0] | flags[1])
         if bool(skip.all()):
-            return
+            return self._request(None)
         beta1, beta2 = group["betas"]
         _, c1, _, _ = step_factors(2, beta1, beta2, group["grad_averaging"])
         if bool(fresh.any()) and bool(later.any()):
@@ -1034,11 +1108,73 @@ class _FlatWork(_Work):
             if vmax is not None:
                 vmax.copy_(torch.where(on, keep_vmax, vmax))
         scalars = dict(lr=group["lr"], weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"])
+        if self.q8 is not None:
+            return self._q8_finish(fresh, later, denoms, beta1, c1, scalars)
         for mask, a1, c in ((fresh, 0.0, 1.0), (later, beta1, c1)):
             if bool(mask.any()):
                 segments = layout.segments if bool(mask.all()) else _segments_of_layers(layout, mask)
                 self.kernels.update_segments_(p, p.grad, state[EXP_AVG], segments, denoms, beta1=a1, grad_scale=c,
                                               **scalars)
+        state[STEP] += 1
+        return None
+
+    # 8-bit first moment (NOTE: [8-bit flats] in quantized.py)
+    def _q8_finish(self, fresh: Tensor, later: Tensor, denoms: Tensor, beta1: float, c1: float,
+                   scalars: dict[str, Any]) -> Optional[tuple[Tensor, tuple]]:
+        """Plan the update of the stepping layers; with shared blocks, return their boundary values for the MAX.
+
+        Stochastic rounding draws from the layer's step count: 1 for a layer's first step (as one process counts it),
+        else the flat's count, which equals every layer's own while each layer steps whenever the flat does (a layer
+        skipped for lack of a gradient then draws other, equally unbiased, numbers than one process would)."""
+        q, state = self.q8, self.state
+        # the kernels take 1-D flats (FP16_UnfusedOptimizer's whole-tensor clones keep their shape)
+        p, g, codes = self.p.view(-1), self.p.grad.view(-1), state[CODES].view(-1)
+        cfg = q8_config(self.group)
+        self.denoms, self.scalars, self.cfg = denoms, scalars, cfg
+        k = state[STEP] + 1
+        for mask, a1, c, step in ((fresh, 0.0, 1.0, 1), (later, beta1, c1, k)):
+            if bool(mask.any()):
+                rows, table, small = q.subset(None if bool(mask.all()) else mask)
+                self.plan.append((rows, table, small, a1, c, step))
+        if not q.n_slots:
+            self._q8_update(None)
+            return None
+        boundary = torch.zeros(len(q.table), 2, dtype=torch.float32, device=p.device)  # stays on the device
+        for rows, table, _, a1, c, _ in self.plan:
+            if len(table):
+                b = self.kernels.q8_boundary_absmax_segments(
+                    p, g, codes, state[SCALES], table, denoms, beta1=a1, grad_scale=c,
+                    weight_decay=scalars["weight_decay"], decoupled=scalars["decoupled"], q8=cfg)
+                boundary[torch.tensor(rows, dtype=torch.long, device=p.device)] = b.to(torch.float32)
+        return self._request(boundary)
+
+    def _request(self, boundary: Optional[Tensor]) -> Optional[tuple[Tensor, tuple]]:
+        """The MAX request of the flat's shared blocks, issued on every step whatever this rank's data."""
+        q = self.q8
+        if q is None or not q.n_slots:
+            return None
+        if boundary is None:
+            return torch.zeros(q.n_slots, dtype=torch.float32, device=self.p.device), q.reductions
+        return SlotMap.gather(boundary, q.pairs, q.n_slots), q.reductions
+
+    def complete(self, maxed: Tensor) -> None:
+        if self.plan:
+            self._q8_update(SlotMap.scatter(maxed.to(self.p.device), self.q8.pairs))
+
+    def _q8_update(self, boundary: Optional[Tensor]) -> None:
+        state, q, sc = self.state, self.q8, self.scalars
+        p, g, codes = self.p.view(-1), self.p.grad.view(-1), state[CODES].view(-1)
+        for rows, table, small, a1, c, step in self.plan:
+            if len(table):
+                b = None if boundary is None else boundary.index_select(
+                    0, torch.tensor(rows, dtype=torch.long, device=boundary.device))
+                self.kernels.q8_update_segments_(p, g, codes, state[SCALES], table, self.denoms, b, beta1=a1,
+                                                 grad_scale=c, q8=self.cfg, step=step, **sc)
+            if small:
+                w, m = q.small_views(p, state[SMALL], small)
+                grads, _ = q.small_views(g, state[SMALL], small)
+                layers = torch.tensor([q.small_layers[i] for i in small], dtype=torch.long, device=self.denoms.device)
+                self.kernels.update_(w, grads, m, self.denoms.index_select(0, layers), beta1=a1, grad_scale=c, **sc)
         state[STEP] += 1
 
 

@@ -21,7 +21,7 @@ per group), and reads its slots back. ``shared_blocks(numel, cuts)`` is the set 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from torch import Tensor
 from .kernels import eightbit as eb
 
 __all__ = ["CODES", "SCALES", "SMALL", "Q8_KEYS", "q8_config", "is_quantized", "shared_blocks", "SlotMap",
-           "RunGeometry", "check_state_bits"]
+           "RunGeometry", "check_state_bits", "FlatQ8", "dequantize_flat_fragment"]
 
 CODES, SCALES, SMALL = "exp_avg_codes", "exp_avg_scales", "exp_avg_small"
 #: State keys of the 8-bit moment (their dtypes are kept as they are by NovoGrad.load_state_dict).
@@ -41,8 +41,10 @@ def check_state_bits(group: dict[str, Any]) -> None:
     if bits not in (8, 32):
         raise ValueError(f"NovoGrad: state_bits={bits!r}; it must be 32 (fp32 first moment) or 8 (blockwise 8-bit)")
     if bits == 8:
-        eb.Q8Config(group.get("quant_map") or eb.DEFAULT_MAP, group.get("quant_rounding") or eb.DEFAULT_ROUNDING,
-                    int(group.get("quant_seed") or 0))
+        # the defaults are resolved into the group, so a checkpoint records the map its codes are in
+        group["quant_map"] = group.get("quant_map") or eb.DEFAULT_MAP
+        group["quant_rounding"] = group.get("quant_rounding") or eb.DEFAULT_ROUNDING
+        eb.Q8Config(group["quant_map"], group["quant_rounding"], int(group.get("quant_seed") or 0))
 
 
 def q8_config(group: dict[str, Any]) -> Optional[eb.Q8Config]:
@@ -154,3 +156,149 @@ def dequantize_run(codes: Tensor, scales: Tensor, start: int, qmap: str) -> Tens
     blk = torch.div(idx, eb.BLOCK, rounding_mode="floor") - first
     step = eb.dequant_step(scales.to(torch.float32), qmap).index_select(0, blk)
     return eb.dequantize(codes.reshape(-1), step, qmap)
+
+
+# -- bound flat tensors (ZeRO partitions) ----------------------------------------------------------------------------
+class FlatQ8:
+    """The 8-bit geometry of one bound flat tensor (a ZeRO partition, :class:`~novograd_ds.sharding.FlatLayout`).
+
+    NOTE: [8-bit flats] A flat holds segments of many layers. The segments of quantised layers are the rows of
+    :attr:`table` (a :class:`~novograd_ds.kernels.eightbit.Q8SegmentTable`): their codes live in an int8 tensor
+    parallel to the flat (``exp_avg_codes``; elements of other layers are never read), their block scales packed
+    in row order in ``exp_avg_scales``. The segments of small layers keep an fp32 moment packed in segment order in
+    ``exp_avg_small`` (:attr:`small_rows`: ``(offset, length, small_offset)``), stepped through the list-form kernels.
+    Shared blocks get slots over the flat's layers from the layout's ``layer_cuts`` (the same on every rank), so the
+    boundary values of a step are one vector of :attr:`n_slots` floats, all-reduced MAX over the layout's groups.
+    """
+
+    def __init__(self, layout: Any):
+        if not layout.has_run_geometry:
+            raise ValueError(
+                f"NovoGrad(state_bits=8): {layout.label or 'a bound flat tensor'} comes from an engine adapter that does "
+                "not describe where its segments lie in their layers, so its 8-bit blocks could not be shared between "
+                "ranks. Use state_bits=32 with this engine")
+        seg = layout.segments
+        numels = [int(n) for n in layout.layer_numels]
+        keys = list(layout.layer_keys) if layout.layer_keys is not None else list(range(layout.n_layers))
+        self.q_rows = [j for j, k in enumerate(seg.layers) if is_quantized(numels[k])]
+        self.s_rows = [j for j, k in enumerate(seg.layers) if not is_quantized(numels[k])]
+        self.table = eb.Q8SegmentTable([seg.offsets[j] for j in self.q_rows], [seg.lengths[j] for j in self.q_rows],
+                                       [seg.layers[j] for j in self.q_rows], [seg.starts[j] for j in self.q_rows],
+                                       [numels[seg.layers[j]] for j in self.q_rows],
+                                       [keys[seg.layers[j]] for j in self.q_rows])
+        self.small_rows, total = [], 0
+        for j in self.s_rows:
+            self.small_rows.append((seg.offsets[j], seg.lengths[j], total))
+            total += seg.lengths[j]
+        self.small_numel = total
+        self.small_layers = [seg.layers[j] for j in self.s_rows]
+        per_layer = [(numels[k], layout.layer_cuts[k] if is_quantized(numels[k]) else ()) for k in range(layout.n_layers)]
+        slots = SlotMap(per_layer)
+        self.n_slots = slots.n
+        self.slot_layers = [k for k, (n, cuts) in enumerate(per_layer) for _ in shared_blocks(n, cuts)]
+        self.pairs = torch.tensor([slots.pair(seg.layers[j], seg.starts[j], seg.lengths[j]) for j in self.q_rows],
+                                  dtype=torch.long).reshape(-1, 2)
+        self.reductions = tuple(
+            type(r)(r.group, None if r.layers is None else r.layers[torch.tensor(self.slot_layers, dtype=torch.long)],
+                    r.label) for r in layout.reductions)
+        self._subsets: dict[bytes, tuple[list[int], eb.Q8SegmentTable, list[int]]] = {}
+
+    def subset(self, mask: Optional[Tensor]) -> tuple[list[int], eb.Q8SegmentTable, list[int]]:
+        """For the layers ``mask`` selects (``None``: all): the table's row indices, their table (same scales), and
+        the indices into :attr:`small_rows`."""
+        if mask is None:
+            return list(range(len(self.q_rows))), self.table, list(range(len(self.s_rows)))
+        key = bytes(mask.numpy().tobytes())
+        hit = self._subsets.get(key)
+        if hit is None:
+            rows = [i for i, k in enumerate(self.table.layers) if bool(mask[k])]
+            small = [i for i, k in enumerate(self.small_layers) if bool(mask[k])]
+            if len(self._subsets) > 1024:
+                self._subsets.clear()
+            hit = self._subsets[key] = (rows, self.table.select(rows), small)
+        return hit
+
+    def small_views(self, flat: Tensor, small: Tensor, which: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Views of the flat (param or grad) and of the packed small moment for the small rows ``which``."""
+        rows = [self.small_rows[i] for i in which]
+        return ([flat.narrow(0, o, n) for o, n, _ in rows], [small.narrow(0, s, n) for _, n, s in rows])
+
+    def new_state(self, p: Tensor) -> dict[str, Tensor]:
+        return {CODES: torch.zeros(p.shape, dtype=eb.CODE_DTYPE, device=p.device),
+                SCALES: torch.zeros(self.table.n_scales, dtype=torch.float32, device=p.device),
+                SMALL: torch.zeros(self.small_numel, dtype=torch.float32, device=p.device)}
+
+    def index(self, qmap: str) -> dict[str, Any]:
+        """What a reader needs to turn saved codes, scales and small moments back into a per-element moment."""
+        t = self.table
+        rows = torch.tensor([t.offsets, t.lengths, t.runs.starts, t.scale_offsets], dtype=torch.int64).reshape(4, -1)
+        small = torch.tensor([[o for o, _, _ in self.small_rows], [n for _, n, _ in self.small_rows],
+                              [s for _, _, s in self.small_rows]], dtype=torch.int64).reshape(3, -1)
+        return {"map": qmap, "rows": rows, "small": small}
+
+    def check_saved(self, scales: Tensor, small: Tensor, where: str) -> None:
+        if scales.numel() != self.table.n_scales or small.numel() != self.small_numel:
+            raise ValueError(
+                f"NovoGrad: {where}: the saved 8-bit state has {scales.numel()} block scales and {small.numel()} small-"
+                f"layer moments; this partition needs {self.table.n_scales} and {self.small_numel}: the checkpoint "
+                "was written for another partitioning. Convert it with python -m novograd_ds.universal and load it "
+                "with \"checkpoint\": {\"load_universal\": true}")
+
+    def quantize(self, m: Tensor, state: dict[str, Tensor], q8: eb.Q8Config,
+                 reduce_max: Optional[Callable[[Tensor], Tensor]]) -> None:
+        """Codes, scales and small moments from an fp32 per-element moment ``m`` of the flat (a 32-bit or universal
+        checkpoint loaded into ``state_bits=8``), nearest rounding. ``reduce_max`` all-reduces the slot vector (MAX
+        over the layout's groups): collective, called on every rank whenever :attr:`n_slots` is not 0."""
+        m = m.reshape(-1).to(torch.float32)
+        t = self.table
+        boundary = torch.zeros(len(t), 2, dtype=torch.float32)
+        for r, (o, n) in enumerate(zip(t.offsets, t.lengths)):
+            start, numel = t.runs.starts[r], t.runs.layer_numels[r]
+            first, end = eb.block_range(start, n)
+            fp, lp = eb.partial_ends(start, n, numel)
+            if fp:
+                boundary[r, 0] = m.narrow(0, o, min(n, (first + 1) * eb.BLOCK - start)).abs().max()
+            if lp:
+                lo = max(0, (end - 1) * eb.BLOCK - start)
+                boundary[r, 1] = m.narrow(0, o + lo, n - lo).abs().max()
+        if self.n_slots:
+            vec = reduce_max(SlotMap.gather(boundary, self.pairs, self.n_slots))
+            boundary = SlotMap.scatter(vec.to("cpu"), self.pairs)
+        codes, scales = state[CODES].reshape(-1), state[SCALES]
+        for r, (o, n) in enumerate(zip(t.offsets, t.lengths)):
+            start = t.runs.starts[r]
+            geom = RunGeometry(start, t.runs.layer_numels[r])
+            quantize_into(m.narrow(0, o, n), codes.narrow(0, o, n),
+                          scales.narrow(0, t.scale_offsets[r], eb.n_blocks(start, n)), geom, q8,
+                          boundary[r].to(m.device))
+        for o, n, s in self.small_rows:
+            state[SMALL].narrow(0, s, n).copy_(m.narrow(0, o, n))
+
+    def dequantize(self, state: Mapping[str, Tensor], qmap: str, numel: int) -> Tensor:
+        """The fp32 per-element moment the 8-bit state stands for (elements in no segment 0)."""
+        return dequantize_flat_fragment(state[CODES].reshape(-1), state[SCALES], state[SMALL], self.index(qmap),
+                                        0, numel)
+
+
+def dequantize_flat_fragment(codes: Tensor, scales: Tensor, small: Tensor, index: Mapping[str, Any], start: int,
+                             length: int) -> Tensor:
+    """Elements ``[start, start + length)`` of the fp32 moment a flat's saved 8-bit state stands for, from the
+    ``index`` of :meth:`FlatQ8.index` (universal conversion: one parameter fragment at a time, on the CPU)."""
+    out = torch.zeros(int(length), dtype=torch.float32, device=codes.device)
+    end = start + length
+    offsets, lengths, starts, scale_offsets = index["rows"].reshape(4, -1).tolist()
+    for o, n, s, so in zip(offsets, lengths, starts, scale_offsets):
+        lo, hi = max(o, start), min(o + n, end)
+        if hi <= lo:
+            continue
+        first, _ = eb.block_range(s, n)
+        piece_start = s + (lo - o)  # the piece's first element in its layer
+        b0, b1 = eb.block_range(piece_start, hi - lo)
+        piece_scales = scales.narrow(0, so + b0 - first, b1 - b0)
+        out[lo - start:hi - start] = dequantize_run(codes.narrow(0, lo, hi - lo), piece_scales, piece_start,
+                                                    index["map"])
+    for o, n, s in zip(*index["small"].reshape(3, -1).tolist()):
+        lo, hi = max(o, start), min(o + n, end)
+        if hi > lo:
+            out[lo - start:hi - start] = small.narrow(0, s + lo - o, hi - lo).to(torch.float32)
+    return out

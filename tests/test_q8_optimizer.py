@@ -137,6 +137,101 @@ def test_32bit_checkpoint_into_an_8bit_optimizer_and_back():
     assert "exp_avg" in opt32.state[back[0]] and "exp_avg_codes" not in opt32.state[back[0]]
 
 
+# -- bound flat tensors (ZeRO partitions; the real engines: tests/test_q8_zero.py) -----------------------------------
+def flat_of(params, kw, gap=5):
+    """One flat holding every tensor of ``params`` as one segment each (with gaps), bound like a ZeRO partition."""
+    from novograd_ds.kernels import SegmentTable
+    from novograd_ds.sharding import FlatLayout
+
+    numels = [p.numel() for p in params]
+    offsets = [sum(numels[:i]) + gap * (i + 1) for i in range(len(numels))]
+    flat = torch.zeros(offsets[-1] + numels[-1] + gap)
+    for o, p in zip(offsets, params):
+        flat[o:o + p.numel()] = p.detach().reshape(-1)
+    layout = FlatLayout(SegmentTable(offsets, numels, range(len(numels)), [0] * len(numels)), len(numels),
+                        flat.numel(), label="test flat", tensor=flat, layer_numels=numels,
+                        layer_cuts=[[] for _ in numels], layer_keys=range(len(numels)))
+    opt = NovoGrad([flat], **HP, **kw)
+    opt.bind_layouts({id(flat): layout})
+    return flat, opt, offsets
+
+
+def step_flat(flat, opt, offsets, k):
+    flat.grad = torch.zeros_like(flat)
+    for o, g in zip(offsets, grads(k)):
+        flat.grad[o:o + g.numel()] = g.reshape(-1)
+    opt.step()
+
+
+@pytest.mark.parametrize("kw", [dict(foreach=True), dict(fused=True)], ids=["foreach", "fused"])
+def test_flat_8bit_equals_whole_tensors(kw):
+    q8 = dict(state_bits=8, quant_map="sqrt", quant_rounding="stochastic", quant_seed=2)
+    params = make()
+    opt = NovoGrad(params, **HP, **q8, **kw)
+    run(params, opt, 5)
+    flat, fopt, offsets = flat_of(make(), {**q8, **kw})
+    for k in range(5):
+        step_flat(flat, fopt, offsets, k)
+    st = fopt.state[flat]
+    assert st["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in st
+    assert st["exp_avg_small"].numel() == sum(p.numel() for p in params if p.numel() < eb.MIN_QUANTIZED_NUMEL)
+    for o, p in zip(offsets, params):
+        assert torch.equal(flat[o:o + p.numel()], p.detach().reshape(-1))
+        if "exp_avg_codes" in opt.state[p]:
+            assert torch.equal(st["exp_avg_codes"][o:o + p.numel()], opt.state[p]["exp_avg_codes"].reshape(-1))
+
+
+def test_flat_8bit_state_dict_round_trip_and_conversions():
+    from novograd_ds.checkpoint import CheckpointError
+    from novograd_ds.quantized import FlatQ8, dequantize_flat_fragment
+
+    q8 = dict(state_bits=8, quant_map="sqrt", quant_rounding="stochastic", foreach=True)
+    flat, opt, offsets = flat_of(make(), q8)
+    for k in range(3):
+        step_flat(flat, opt, offsets, k)
+    saved = copy.deepcopy(opt.state_dict())  # the state dict holds the live tensors, which go on stepping
+    entry = saved["state"][0]
+    assert entry["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in entry
+    assert {"exp_avg_scales", "exp_avg_small", "q8"} <= set(entry["novograd"])
+    # resumed: bitwise
+    flat2, opt2, _ = flat_of(make(), q8)
+    flat2.copy_(flat)
+    opt2.load_state_dict(copy.deepcopy(saved))
+    for k in range(3, 5):
+        step_flat(flat, opt, offsets, k)
+        step_flat(flat2, opt2, offsets, k)
+    assert torch.equal(flat, flat2)
+    assert torch.equal(opt.state[flat]["exp_avg_codes"], opt2.state[flat2]["exp_avg_codes"])
+    # what the universal converter writes: the dequantised moment, fragment by fragment
+    compact = entry["novograd"]
+    saved_q8 = {"exp_avg_codes": entry["exp_avg_codes"], "exp_avg_scales": compact["exp_avg_scales"],
+                "exp_avg_small": compact["exp_avg_small"]}
+    whole = FlatQ8(opt._layouts[id(flat)]).dequantize(saved_q8, "sqrt", flat.numel())
+    frag = dequantize_flat_fragment(entry["exp_avg_codes"], compact["exp_avg_scales"], compact["exp_avg_small"],
+                                    compact["q8"], 300, 9000)
+    assert torch.equal(frag, whole[300:9300])
+    ref = make()  # each 8-bit layer's dequantised moment is close to what 32-bit NovoGrad holds after 3 steps
+    ref_opt = NovoGrad(ref, **HP, foreach=True)
+    run(ref, ref_opt, 3)
+    for o, p in zip(offsets, ref):
+        m32 = ref_opt.state[p]["exp_avg"].reshape(-1)
+        err = float((whole[o:o + p.numel()] - m32).norm() / m32.norm())
+        assert err < (0.05 if p.numel() >= eb.MIN_QUANTIZED_NUMEL else 1e-6), (tuple(p.shape), err)
+    # into a 32-bit optimizer: the codes dequantised with the saved map; and back into 8-bit
+    flat32, opt32, _ = flat_of(make(), dict(foreach=True))
+    opt32.load_state_dict(copy.deepcopy(saved))
+    step_flat(flat32, opt32, offsets, 3)
+    assert "exp_avg" in opt32.state[flat32] and "exp_avg_codes" not in opt32.state[flat32]
+    flat8, opt8, _ = flat_of(make(), q8)
+    opt8.load_state_dict(opt32.state_dict())
+    step_flat(flat8, opt8, offsets, 4)
+    assert "exp_avg_codes" in opt8.state[flat8] and "exp_avg" not in opt8.state[flat8]
+    # codes in another map than the optimizer's: one error naming the fix
+    flat_l, opt_l, _ = flat_of(make(), dict(q8, quant_map="linear"))
+    with pytest.raises(CheckpointError, match="quant_map='sqrt'"):
+        opt_l.load_state_dict(copy.deepcopy(saved))
+
+
 def test_bad_state_bits_is_one_clear_error():
     with pytest.raises(ValueError, match="state_bits=16"):
         NovoGrad(make(), state_bits=16)

@@ -35,10 +35,11 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import compact_entry, expand_fragment, load_mapped
+from ..quantized import CODES, SCALES, SMALL, dequantize_flat_fragment
 
-__all__ = ["LayerExpansion", "main", "inspect_checkpoint", "convert"]
+__all__ = ["LayerExpansion", "Dequantization", "main", "inspect_checkpoint", "convert"]
 
-_EXP_AVG_SQ, _MAX_LAYER = "exp_avg_sq", "max_exp_avg_sq_layer"
+_EXP_AVG, _EXP_AVG_SQ, _MAX_LAYER, _Q8_INDEX = "exp_avg", "exp_avg_sq", "max_exp_avg_sq_layer", "q8"
 # What each extractor of ds_to_universal reads (DeepSpeed 0.19.x); checked before anything is patched.
 _SEAMS = ("main", "parse_arguments", "extract_zero_shards", "extract_zero_shards_stage3", "dump_param_fragment")
 
@@ -62,6 +63,29 @@ class LayerExpansion:
 
     def __repr__(self) -> str:
         return f"LayerExpansion(numel={self.numel_}, layers={self.values.numel()}, segments={self.segments.shape[-1]})"
+
+
+class Dequantization:
+    """Stands in for the ``exp_avg`` of a flat saved with an 8-bit first moment (``state_bits=8``; NOTE: [8-bit
+    flats] in ``novograd_ds/quantized.py``): :meth:`fragment` dequantises any range of it from the saved codes, block
+    scales and small-layer moments. The universal checkpoint gets fp32 ``exp_avg`` fragments, as for a 32-bit run;
+    an 8-bit optimizer loading it quantises them again (nearest rounding, the same layer-aligned blocks)."""
+
+    def __init__(self, codes: Tensor, compact: dict, numel: int):
+        self.codes = codes.reshape(-1)
+        self.scales, self.small, self.index = compact[SCALES], compact[SMALL], compact[_Q8_INDEX]
+        self.numel_ = int(numel)
+
+    def numel(self) -> int:
+        return self.numel_
+
+    def fragment(self, start: int, length: int) -> Tensor:
+        if start < 0 or start + length > self.numel_:
+            raise IndexError(f"Dequantization: fragment [{start}, {start + length}) outside a flat of {self.numel_}")
+        return dequantize_flat_fragment(self.codes, self.scales, self.small, self.index, start, length)
+
+    def __repr__(self) -> str:
+        return f"Dequantization(numel={self.numel_}, map={self.index['map']!r})"
 
 
 def _flat_states(sd: Any) -> Optional[dict]:
@@ -89,6 +113,8 @@ def _attach_expansions(sd: Any, source: str = "") -> Any:
         if _MAX_LAYER in compact:
             raise SystemExit(_amsgrad_message(source))
         entry[_EXP_AVG_SQ] = LayerExpansion(compact["exp_avg_sq_layer"], compact["segments"], compact["numel"])
+        if CODES in entry and _EXP_AVG not in entry:
+            entry[_EXP_AVG] = Dequantization(entry.pop(CODES), compact, compact["numel"])
     return sd
 
 
@@ -127,7 +153,7 @@ def _expanding_loads():
 
 
 def _dump_param_fragment(dir, tp_index, dp_index, state_name, state_flat_tensor, param_name, offset, numel):
-    if isinstance(state_flat_tensor, LayerExpansion):
+    if isinstance(state_flat_tensor, (LayerExpansion, Dequantization)):
         state_flat_tensor, offset = state_flat_tensor.fragment(offset, numel), 0
     return _original("dump_param_fragment")(dir, tp_index, dp_index, state_name, state_flat_tensor, param_name,
                                             offset, numel)

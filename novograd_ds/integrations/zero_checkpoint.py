@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from ..checkpoint import CheckpointError, load_mapped
+from ..optimizer import STORAGE_KEYS
 
 __all__ = ["attach"]
 
@@ -28,6 +29,20 @@ _MARK = "_novograd_ds_checkpoint_hooks"
 _UNIVERSAL_FILES_Z12 = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "step.pt")
 _UNIVERSAL_FILES_Z3 = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
 _EXPANDED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def _keep_storage(wrapper: Any):
+    """How this run stores its first moment (``STORAGE_KEYS``) is its own choice, not a hyperparameter of the saved
+    run: DeepSpeed's universal loaders copy every saved param-group key into the live groups, so these are put back
+    (a 32-bit checkpoint resumes an 8-bit run, which quantises the loaded exp_avg, and the other way round)."""
+    groups = wrapper.optimizer.param_groups
+    saved = [{k: g[k] for k in STORAGE_KEYS if k in g} for g in groups]
+
+    def restore() -> None:
+        for g, keep in zip(groups, saved):
+            g.update(keep)
+
+    return restore
 
 
 def attach(engine: Any, basic: Any) -> None:
@@ -120,7 +135,10 @@ def _zero12_universal(wrapper: Any, original: Any):
         params = [lp for group in getattr(wrapper, lp_groups_name) for lp in group
                   if getattr(lp, "_hp_mapping", None) is not None]
         _check_universal_files(wrapper, params, checkpoint_dir, _UNIVERSAL_FILES_Z12)
-        return original(wrapper, lp_groups_name, checkpoint_dir)
+        restore = _keep_storage(wrapper)
+        result = original(wrapper, lp_groups_name, checkpoint_dir)
+        restore()
+        return result
 
     return load
 
@@ -130,7 +148,9 @@ def _zero3_universal(wrapper: Any, original: Any):
     def load(checkpoint_dir: str) -> None:
         _check_universal_files(wrapper, [p for group in wrapper.fp16_groups for p in group], checkpoint_dir,
                                _UNIVERSAL_FILES_Z3)
+        restore = _keep_storage(wrapper)
         result = original(wrapper, checkpoint_dir)
+        restore()
         path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
         saved = load_mapped(path)
         groups = saved.get("param_groups") or saved.get("optimizer_state_dict", {}).get("param_groups")
@@ -142,7 +162,7 @@ def _zero3_universal(wrapper: Any, original: Any):
                 "they cannot be restored per group. Build the optimizer with the param groups of the saved run")
         for group, saved_group in zip(current, groups):
             for key, value in saved_group.items():
-                if key != "params":
+                if key != "params" and key not in STORAGE_KEYS:
                     group[key] = value
         return result
 

@@ -190,6 +190,18 @@ class Q8SegmentTable:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def select(self, rows: Sequence[int]) -> "Q8SegmentTable":
+        """The table of some of these rows, their scales where they are in this table's flat scales tensor (so a
+        step over a subset of the layers updates the same codes and scales)."""
+        rows = [int(j) for j in rows]
+        r = self.runs
+        sub = Q8SegmentTable([self.offsets[j] for j in rows], [self.lengths[j] for j in rows],
+                             [self.layers[j] for j in rows], [r.starts[j] for j in rows],
+                             [r.layer_numels[j] for j in rows], [r.keys[j] for j in rows])
+        sub.scale_offsets = [self.scale_offsets[j] for j in rows]
+        sub.n_scales = self.n_scales
+        return sub
+
     def views(self, flat: Tensor) -> list[Tensor]:
         return [flat.narrow(0, o, n) for o, n in zip(self.offsets, self.lengths)]
 

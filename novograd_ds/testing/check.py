@@ -15,6 +15,11 @@ compared after every step with :func:`novograd_ds.testing.rule.rule_step` in flo
 * on a GPU also both forms with more spans (50) and more chunks (330 x 64K in one tensor) than one launch of the
   CUDA op holds.
 
+* the 8-bit first moment (``state_bits=8``): both maps and both roundings, fp32 and bf16 gradients, through
+  ``q8_update_`` against :func:`novograd_ds.testing.rule.rule_step_8bit` (dequantise, update, quantise in float64):
+  weights normwise within :data:`Q8_TOLERANCE`, codes equal but for at most 1 in 10^4 one code apart (an fp32
+  ``m`` within rounding of a code boundary; tests/test_eightbit.py measures 0-5 in 10^6).
+
 The fused ops are also self-checked against foreach (NOTE: [self-check] in kernels/native.py), one line per device.
 
 One line per check: ``PASS|FAIL|SKIP backend device case worst-relative-error <= tolerance``; exit status 1 when any
@@ -55,6 +60,14 @@ FLAT, N_LAYERS = 80000, 4
 # the flags of the (large) multi-launch cases: L2 decay with grad_averaging and amsgrad; decoupled with b2 = 0
 MULTI_LAUNCH_FLAGS = (dict(wd=0.01, decoupled=False, grad_averaging=True, amsgrad=True, b2=0.98),
                       dict(wd=0.01, decoupled=True, grad_averaging=False, amsgrad=False, b2=0.0))
+
+
+# 8-bit: quantised layers (>= 4096 elements), one across a 64K chunk; L2 weight decay, beta2 0.98
+Q8_SIZES = (5000, 4396, 70001)
+# A code one step off the rule's (allowed, see check_q8) moves its weight by lr times one code step, about 1e-5 of
+# max|w| here (measured 9.4e-6 with linear stochastic rounding); a wrong kernel is off by 1e-3 or more.
+Q8_TOLERANCE = 5e-5
+Q8_CASES = tuple(itertools.product(("linear", "sqrt"), ("nearest", "stochastic")))
 
 
 def flag_cases() -> list[dict[str, Any]]:
@@ -195,6 +208,43 @@ def _scalar_rel(x: float, ref: float) -> float:
 
 
 # -- one check ----------------------------------------------------------------------------------------------------
+def check_q8(backend, device: torch.device, gdtype: torch.dtype, qmap: str, rounding: str) -> float:
+    """STEPS steps of 8-bit NovoGrad on whole tensors against the rule's 8-bit form; the weights' normwise error, or
+    infinity when a code differs by more than one step or more than 1 in 10^4 of them differ."""
+    from ..kernels import eightbit as eb
+    from ..optimizer import second_moment_
+    from .rule import rule_step_8bit
+
+    gen = torch.Generator().manual_seed(11)
+    w_ref = [torch.randn(n, generator=gen, dtype=torch.float64) for n in Q8_SIZES]
+    grads = [[torch.randn(n, generator=gen, dtype=torch.float64) * (i + 1) for i, n in enumerate(Q8_SIZES)]
+             for _ in range(STEPS)]
+    cfg = eb.Q8Config(qmap, rounding, 5)
+    w = [t.to(device, torch.float32) for t in w_ref]
+    codes = [torch.zeros(n, dtype=eb.CODE_DTYPE, device=device) for n in Q8_SIZES]
+    scales = [torch.zeros(eb.n_blocks(0, n), dtype=torch.float32, device=device) for n in Q8_SIZES]
+    v = torch.zeros(len(Q8_SIZES), dtype=torch.float32, device=device)
+    runs = eb.Q8Runs.plain(Q8_SIZES)
+    states: list[dict] = [{} for _ in Q8_SIZES]
+    worst = 0.0
+    for k in range(1, STEPS + 1):
+        a1, c1, a2, c2 = _factors(k, 0.98, False)
+        g = [t.to(device, gdtype) for t in grads[k - 1]]
+        d = second_moment_(v, backend.sq_norms(g).to(torch.float32), None, a2=a2, c2=c2, eps=EPS)
+        backend.q8_update_(w, g, codes, scales, d, runs, None, lr=LR, beta1=a1, grad_scale=c1, weight_decay=0.01,
+                           decoupled=False, q8=cfg, step=k)
+        for i in range(len(Q8_SIZES)):
+            w_ref[i] = rule_step_8bit(w_ref[i], g[i].double().cpu(), states[i], lr=LR, b1=B1, b2=0.98, eps=EPS,
+                                      wd=0.01, grad_averaging=False, amsgrad=False, decoupled=False, qmap=qmap,
+                                      rounding=rounding, seed=5, key=i)
+            worst = max(worst, _normwise(w[i].cpu(), w_ref[i]))
+            off = (codes[i].cpu().long() - torch.from_numpy(states[i]["codes"])).abs()
+            if int(off.max()) > 1 or float((off > 0).double().mean()) > 1e-4:
+                return math.inf
+    return worst
+
+
+
 def check_list(backend, device: torch.device, pdtype: torch.dtype, gdtype: torch.dtype, f: dict[str, Any],
                sizes: Sequence[int] = LIST_SIZES, one_call: bool = False) -> float:
     gen = torch.Generator().manual_seed(7)
@@ -272,6 +322,10 @@ class FaultyBackend:
         done = self.inner.layer_step_(params, *args, **kw)
         self._perturb(params)
         return done
+
+    def q8_update_(self, params, *args, **kw):
+        self.inner.q8_update_(params, *args, **kw)
+        self._perturb(params)
 
 
 def devices() -> list[torch.device]:
@@ -363,6 +417,10 @@ def run_checks(out: TextIO = sys.stdout, inject_fault: Optional[str] = None,
                         emit(_line(name, device, case_label("segments-multilaunch", gdtype, f),
                                    lambda: check_segments(backend, device, pdtype, gdtype, f, rows, numel, n_layers),
                                    tol))
+            for gdtype in (torch.float32, torch.bfloat16):
+                for qmap, rounding in Q8_CASES:
+                    emit(_line(name, device, f"8-bit {qmap} {rounding} grad={str(gdtype).replace('torch.', '')}",
+                               lambda: check_q8(backend, device, gdtype, qmap, rounding), Q8_TOLERANCE))
         for line in pending:
             emit(line)
     out.write(f"env --check: {n_pass} passed, {n_fail} failed\n")
