@@ -80,7 +80,10 @@ def engine_text(cfg: dict, engine: str) -> str:
 
 
 def optimizer_state_bytes(ckpt_dir: Path) -> int:
-    """Bytes of the optimizer's per-parameter state in a checkpoint (tensors under its ``state`` entries)."""
+    """Bytes of the optimizer's state in a checkpoint: every tensor under its ``state`` entries, nested ones included
+    (the plain path keeps ``exp_avg_codes``/``exp_avg_scales``/``exp_avg_sq`` per parameter; a ZeRO flat keeps codes
+    beside a ``novograd`` dict of scales, per-layer moments, small layers' fp32 moments and their small index tables).
+    Master weights and engine bookkeeping outside ``state`` are not counted."""
     import torch
 
     def state_dicts(obj):
@@ -92,13 +95,21 @@ def optimizer_state_bytes(ckpt_dir: Path) -> int:
             for v in obj.values():
                 yield from state_dicts(v)
 
+    def tensor_bytes(obj) -> int:
+        if torch.is_tensor(obj):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
     total = 0
     for f in sorted(ckpt_dir.rglob("*.pt")):
         sd = torch.load(f, map_location="cpu", weights_only=False)
         for key in ("optimizer", "optimizer_state_dict"):
             for st in state_dicts(sd.get(key)):
-                total += sum(t.numel() * t.element_size() for s in st.values() for t in s.values()
-                             if torch.is_tensor(t))
+                total += tensor_bytes(st)
     return total
 
 

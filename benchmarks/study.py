@@ -543,9 +543,9 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, main_job: dict | None = None) -> None:
-    """The results page. ``main_job``: the results of benchmarks/eightbit_quality.py (8-bit on the main job), whose
-    section and claim row the page then carries."""
+def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, main_jobs: list[dict] = ()) -> None:
+    """The results page. ``main_jobs``: results of benchmarks/eightbit_quality.py (8-bit on the main job, one per
+    engine), each with its claim row and section on the page."""
     s = data["summary"]
     cfg = data["config"]
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -593,7 +593,7 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, mai
         f"{verdict(big and not big['diverged'] and big['monotone'])} |",
         f"| state bytes at most 0.51x AdamW's | {nv['state_bytes'] / 1e6:.2f} MB vs {aw['state_bytes'] / 1e6:.2f} MB: "
         f"{s['state_ratio_novograd_adamw']:.3f}x | {verdict(s['state_ratio_novograd_adamw'] <= 0.51)} |",
-        *eightbit_claim_rows(s.get("eightbit"), main_job, verdict),
+        *eightbit_claim_rows(s.get("eightbit"), main_jobs, verdict),
         "",
         "## Per optimizer",
         "",
@@ -618,7 +618,7 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, mai
         *[f"![{p.stem}]({p.name})" for p in pngs],
         "",
         *eightbit_section(s.get("eightbit"), cfg),
-        *(eightbit_main_section(main_job) if main_job else []),
+        *[line for mj in main_jobs for line in eightbit_main_section(mj)],
         "## What was tried where NovoGrad trails",
         "",
         f"At NovoGrad's best learning rate ({nv['best_lr']:.4g}; AdamW's parts at {aw['best_lr']:.4g}), "
@@ -638,9 +638,10 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, mai
     doc.write_text("\n".join(lines))
 
 
-def eightbit_claim_rows(eb: dict | None, main_job: dict | None, verdict) -> list[str]:
+def eightbit_claim_rows(eb: dict | None, main_jobs: list[dict], verdict) -> list[str]:
     rows = []
-    for where, e in (("this study", eb), ("the main job", (main_job or {}).get("summary"))):
+    for where, e in (("this study", eb), *((f"the main job, {mj['summary']['engine']}", mj["summary"])
+                                          for mj in main_jobs)):
         if not e:
             continue
         rows.append(
@@ -721,9 +722,9 @@ def eightbit_main_section(mj: dict) -> list[str]:
     e, c = mj["summary"], mj["config"]
     model = " ".join(c["extra_args"]) or "its default model"
     return [
-        "## 8-bit NovoGrad state on the main job",
+        f"## 8-bit NovoGrad state on the main job: {e['engine']}",
         "",
-        f"Command: `{mj['command']}` (results: a copy in `docs/data/eightbit_main_results.json`; runtime "
+        f"Command: `{mj['command']}` (results: a copy in `{mj.get('copy', 'OUT/results.json')}`; runtime "
         f"{e['wall_s_total'] / 60:.0f} min on 2 CPU cores for "
         f"{len(mj['runs'])} trainings). `python -m novograd_ds.train` at {model} ({e['n_params'] / 1e6:.2f}M "
         f"parameters), {e['engine']}, {c['steps']} steps each (the cosine schedule over the run), the main job's "
@@ -895,8 +896,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a few steps and two grid points (what CI runs)")
     ap.add_argument("--steps", type=int, help="override the optimizer steps per run")
     ap.add_argument("--write-docs", type=Path, help="write the results page (and its PNG plots beside it)")
-    ap.add_argument("--main-job", type=Path, help="with --write-docs: the results.json of benchmarks/eightbit_quality.py "
-                                                  "(8-bit NovoGrad on the main job) for its section of the page")
+    ap.add_argument("--main-job", type=Path, nargs="+",
+                    help="with --write-docs: results.json files of benchmarks/eightbit_quality.py (8-bit NovoGrad on "
+                         "the main job, one per engine), each a section of the page; keep a copy of each as "
+                         "docs/data/<its folder name>_results.json")
     args = ap.parse_args(argv)
     cfg = StudyConfig()
     if args.tiny:
@@ -909,16 +912,17 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in data["summary"].items() if k != "big_batch"}, indent=1))
     if args.write_docs:
         total = sum(r["wall_s"] for r in data["runs"])
-        main_job = None
-        if args.main_job:
-            if not args.main_job.is_file():
-                raise SystemExit(f"--main-job {args.main_job}: no such file; run benchmarks/eightbit_quality.py --out "
-                                 f"{args.main_job.parent} first, or leave --main-job out")
-            main_job = json.loads(args.main_job.read_text())
-            if "summary" not in main_job:
-                raise SystemExit(f"--main-job {args.main_job}: not finished (no summary); rerun "
+        main_jobs = []
+        for path in args.main_job or []:
+            if not path.is_file():
+                raise SystemExit(f"--main-job {path}: no such file; run benchmarks/eightbit_quality.py --out "
+                                 f"{path.parent} first, or leave it out")
+            main_jobs.append(dict(json.loads(path.read_text()), copy=f"docs/data/{path.parent.name}_results.json"))
+            if "summary" not in main_jobs[-1]:
+                raise SystemExit(f"--main-job {path}: not finished (no summary); rerun "
                                  f"benchmarks/eightbit_quality.py with its --out to complete it")
-        write_docs(data, args.write_docs, "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), total, main_job)
+        command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+        write_docs(data, args.write_docs, command, total, main_jobs)
         print(f"wrote {args.write_docs}")
     return 0
 

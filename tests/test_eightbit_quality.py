@@ -69,8 +69,9 @@ def test_tiny_main_job_comparison(tmp_path):
     assert json.loads((out / "results.json").read_text())["runs"] == data["runs"]
     # Its section of the results page (benchmarks/study.py renders it with --main-job).
     study = _module("study")
-    page = "\n".join(study.eightbit_main_section(data) + study.eightbit_claim_rows(None, data, str))
-    assert "## 8-bit NovoGrad state on the main job" in page
+    page = "\n".join(study.eightbit_main_section(data) + study.eightbit_claim_rows(None, [data], str))
     assert "DeepSpeed ZeRO stage 0, fp32, world 1" in page and "--tiny" in page
     assert f"| 0.01 | 0 | {r32['final_val_loss']:.4f} | {r8['final_val_loss']:.4f} |" in page
-    assert "8-bit NovoGrad state within 0.02 of 32-bit at every rate and seed (the main job)" in page
+    assert "## 8-bit NovoGrad state on the main job: DeepSpeed ZeRO stage 0, fp32, world 1" in page
+    assert ("8-bit NovoGrad state within 0.02 of 32-bit at every rate and seed (the main job, DeepSpeed ZeRO stage 0, "
+            "fp32, world 1)") in page
