@@ -20,8 +20,8 @@ and a rerun skips runs already there, so an interrupted study continues where it
     python benchmarks/study.py --out runs/study                     # the full study (about an hour on 2 cores)
     python benchmarks/study.py --out runs/study --write-docs docs/results.md   # + the results page and plots
     python benchmarks/study.py --out /tmp/tiny --tiny               # what CI runs: a few steps, two grid points
-    python benchmarks/study.py --out runs/study --write-docs docs/results.md \
-        --main-job runs/eightbit_main/results.json   # + the main job's 8-bit section (benchmarks/eightbit_quality.py)
+    python benchmarks/study.py --out runs/study --write-docs docs/results.md --main-job \
+        runs/eightbit_main/results.json runs/eightbit_main_zero2/results.json  # + benchmarks/eightbit_quality.py's
 """
 
 from __future__ import annotations
