@@ -9,6 +9,8 @@ step budget and a cosine schedule, this runs:
 * NovoGrad and AdamW at their best learning rate with a linear warmup (10% of the steps), against none;
 * a second seed at each optimizer's best point;
 * NovoGrad with a 32K-token batch through gradient accumulation;
+* NovoGrad with 8-bit state (``EIGHTBIT``) against 32-bit at its best learning rate and the two grid neighbours,
+  two seeds each (issue #14: final validation losses within ``EIGHTBIT_TOLERANCE``); the 32-bit runs are the sweep's;
 * the optimizer state bytes of each.
 
 Every run is one process, plain PyTorch (the optimizers are what differ, not the engine), seeded: the data order
@@ -18,6 +20,8 @@ and a rerun skips runs already there, so an interrupted study continues where it
     python benchmarks/study.py --out runs/study                     # the full study (about an hour on 2 cores)
     python benchmarks/study.py --out runs/study --write-docs docs/results.md   # + the results page and plots
     python benchmarks/study.py --out /tmp/tiny --tiny               # what CI runs: a few steps, two grid points
+    python benchmarks/study.py --out runs/study --write-docs docs/results.md --main-job \
+        runs/eightbit_main/results.json runs/eightbit_main_zero2/results.json  # + benchmarks/eightbit_quality.py's
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ OPTIMIZERS = {
 }
 GOOD_BAND = 0.05        # a learning rate is "good" when its final validation loss is within this of the best
 MAX_GRID_EXTENSIONS = 8  # per side: points added beyond the starting grid (a factor 2^8) before the band is "not closed"
+# NOTE: [8-bit settings are explicit] The 8-bit runs pass every quantisation setting, so a change of NovoGrad's defaults
+# cannot silently change what a stored result measured; the settings are part of each 8-bit run's key and record.
+EIGHTBIT = dict(state_bits=8, quant_map="sqrt", quant_rounding="stochastic")
+EIGHTBIT_NAME = "novograd_8bit"  # a run's optimizer name: NovoGrad as in OPTIMIZERS["novograd"], plus EIGHTBIT
+EIGHTBIT_TOLERANCE = 0.02        # issue #14: 8-bit final validation loss within this of 32-bit, every rate and seed
+EIGHTBIT_SEEDS = (0, 1)
+# The control: the same 8-bit runs with another stochastic-rounding stream (quant_seed), so the 8-bit minus 32-bit
+# differences can be read against what the rounding's randomness alone moves the final loss by.
+EIGHTBIT_CONTROL_NAME, EIGHTBIT_CONTROL = "novograd_8bit_qseed1", dict(quant_seed=1)
 
 
 # NOTE: [closed band] The good band of a sweep is closed on a side when the grid's end point on that side is outside the
@@ -176,6 +189,15 @@ def _split_blocks(model):
     return blocks, [p for p in model.parameters() if id(p) not in ids]
 
 
+def quant_settings(name: str) -> dict | None:
+    """The quantisation settings of an 8-bit run's optimizer name (None for the others)."""
+    if name == EIGHTBIT_NAME:
+        return dict(EIGHTBIT)
+    if name == EIGHTBIT_CONTROL_NAME:
+        return dict(EIGHTBIT, **EIGHTBIT_CONTROL)
+    return None
+
+
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, aux_lr: float | None = None) -> torch.optim.Optimizer:
     if name in VARIANTS:
         nv, aw = OPTIMIZERS["novograd"]["kwargs"], OPTIMIZERS["adamw"]["kwargs"]
@@ -192,6 +214,10 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, aux_lr: float |
         aw_groups = [dict(g, lr_scale=aux_lr / lr) for g in split(aw_params, aw["weight_decay"]) if g["params"]]
         return Combined(NovoGrad(nv_groups, lr=lr, betas=nv["betas"]),
                         torch.optim.AdamW(aw_groups, lr=aux_lr, betas=aw["betas"]))
+    if name in (EIGHTBIT_NAME, EIGHTBIT_CONTROL_NAME):
+        kw = dict(OPTIMIZERS["novograd"]["kwargs"])
+        extra = EIGHTBIT_CONTROL if name == EIGHTBIT_CONTROL_NAME else {}
+        return NovoGrad(param_groups(model, kw.pop("weight_decay")), lr=lr, **kw, **EIGHTBIT, **extra)
     kw = dict(OPTIMIZERS[name]["kwargs"])
     groups = param_groups(model, kw.pop("weight_decay"))
     if name == "novograd":
@@ -264,7 +290,8 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, evaluate(model, val)))
     final = curve[-1][1] if curve and not diverged else float("inf")
-    return dict(optimizer=opt_name, lr=lr, seed=seed, warmup=warmup, batch_tokens=batch_tokens, steps=steps,
+    extra = dict(quant=quant_settings(opt_name)) if quant_settings(opt_name) else {}
+    return dict(**extra, optimizer=opt_name, lr=lr, seed=seed, warmup=warmup, batch_tokens=batch_tokens, steps=steps,
                 final_val_loss=final, diverged=diverged, val_curve=curve, train_curve=train_curve,
                 wall_s=time.perf_counter() - t0, state_bytes=state_bytes(opt),
                 n_params=sum(p.numel() for p in model.parameters()))
@@ -273,6 +300,7 @@ def train_run(cfg: StudyConfig, corpus, val, *, opt_name: str, lr: float, seed: 
 class Study:
     def __init__(self, out: Path, cfg: StudyConfig, tiny: bool = False):
         self.out, self.cfg, self.tiny = out, cfg, tiny
+        self.grids: dict[str, list[float]] = {}
         self.path = out / "results.json"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"config": asdict(cfg), "runs": []}
         if self.data.get("config") != asdict(cfg):
@@ -292,6 +320,8 @@ class Study:
             key += f"|steps={steps}"
         if aux_lr is not None:
             key += f"|aux_lr={aux_lr:.6g}"
+        if quant_settings(opt_name):
+            key += "|" + ",".join(f"{k}={v}" for k, v in quant_settings(opt_name).items())
         for r in self.data["runs"]:
             if r["key"] == key:
                 return r
@@ -311,12 +341,14 @@ class Study:
         os.replace(tmp, self.path)
 
     def sweep(self, name: str) -> float:
+        """Run ``name``'s grid, extended until its band closes (kept in ``self.grids``); its best learning rate."""
         grid = list(OPTIMIZERS[name]["grid"])
         if self.tiny:
             grid = grid[len(grid) // 2 - 1: len(grid) // 2 + 1]
         # The tiny study (CI) keeps its two points.
         grid = extend_grid(grid, lambda lr: self.loss(name, lr), cap=0 if self.tiny else MAX_GRID_EXTENSIONS)
         losses = [self.loss(name, lr) for lr in grid]
+        self.grids[name] = grid
         return grid[int(np.argmin(losses))]
 
     def loss(self, name, lr, seed=0, warmup=False):
@@ -332,6 +364,17 @@ class Study:
         for name in ("novograd", "adamw"):
             for s in seeds:
                 self.run(name, best[name], seed=s, warmup=True)
+        # 8-bit state against 32-bit: NovoGrad's best rate and its grid neighbours (two in the full study, whose closed
+        # band keeps the best off the grid's ends; the tiny grid has two points), each seed; the 32-bit runs at seed 0
+        # are the sweep's own.
+        self.data["eightbit_lrs"] = lrs = eightbit_rates(best["novograd"], self.grids["novograd"])
+        for lr in lrs:
+            for s in EIGHTBIT_SEEDS:
+                self.run("novograd", lr, seed=s)
+                self.run(EIGHTBIT_NAME, lr, seed=s)
+        for lr in lrs:
+            for s in EIGHTBIT_SEEDS:
+                self.run(EIGHTBIT_CONTROL_NAME, lr, seed=s)
         big_steps = 2 if self.tiny else self.cfg.big_batch_steps
         big_tokens = self.cfg.micro_batch * self.cfg.seq_len * 2 if self.tiny else self.cfg.big_batch_tokens
         self.run("novograd", best["novograd"], batch_tokens=big_tokens, steps=big_steps)
@@ -344,6 +387,60 @@ class Study:
         self.data["summary"] = summarize(self.data)
         self.save()
         return self.data
+
+
+def eightbit_rates(best: float, grid: list[float]) -> list[float]:
+    """The learning rates of the 8-bit comparison: the best and its neighbours on the (increasing) grid."""
+    i = grid.index(best)
+    return grid[max(0, i - 1): i + 2]
+
+
+def seed_spread(rows: list[dict]) -> float | None:
+    """The largest difference between the 32-bit runs of two seeds at one learning rate: the scale of seed noise
+    against which the 8-bit differences are read (None with one seed)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        by_lr.setdefault(r["lr"], []).append(r["fp32"])
+    spreads = [max(v) - min(v) for v in by_lr.values() if len(v) > 1]
+    return max(spreads) if spreads else None
+
+
+def summarize_eightbit(data: dict) -> dict | None:
+    """8-bit against 32-bit NovoGrad, per (learning rate, seed): final validation losses and 8-bit minus 32-bit."""
+    cfg = data["config"]
+    small = cfg["micro_batch"] * cfg["seq_len"]
+    runs = {(r["optimizer"], r["lr"], r["seed"]): r for r in data["runs"]
+            if r["batch_tokens"] == small and r["steps"] == cfg["steps"] and not r["warmup"]}
+    rows = []
+    for lr in data.get("eightbit_lrs", []):
+        for seed in EIGHTBIT_SEEDS:
+            r32, r8 = runs.get(("novograd", lr, seed)), runs.get((EIGHTBIT_NAME, lr, seed))
+            if r32 and r8:
+                d = r8["final_val_loss"] - r32["final_val_loss"]
+                curve32 = dict(map(tuple, r32["val_curve"]))
+                curve_diff = [(step, v - curve32[step]) for step, v in r8["val_curve"] if step in curve32]
+                rc = runs.get((EIGHTBIT_CONTROL_NAME, lr, seed))
+                rows.append(dict(lr=lr, seed=seed, fp32=r32["final_val_loss"], q8=r8["final_val_loss"],
+                                 diff=d if math.isfinite(d) else math.inf, q8_wall_s=r8["wall_s"],
+                                 fp32_wall_s=r32["wall_s"], curve_diff=curve_diff,
+                                 q8_control=rc["final_val_loss"] if rc else None))
+    if not rows:
+        return None
+    q8 = next(r for r in data["runs"] if r["optimizer"] == EIGHTBIT_NAME)
+    fp32 = next(r for r in data["runs"] if r["optimizer"] == "novograd")
+    adamw = next((r for r in data["runs"] if r["optimizer"] == "adamw"), None)
+    return dict(settings=q8["quant"], tolerance=EIGHTBIT_TOLERANCE, rows=rows,
+                max_abs_diff=max(abs(r["diff"]) for r in rows), seed_spread_fp32=seed_spread(rows),
+                control=dict(EIGHTBIT_CONTROL),
+                control_max_abs_diff=max((abs(r["q8_control"] - r["q8"]) for r in rows
+                                          if r["q8_control"] is not None), default=None),
+                half_steps=cfg["steps"] // 2,
+                half_max_abs_diff=max((abs(d) for r in rows for step, d in r["curve_diff"]
+                                       if step <= cfg["steps"] // 2), default=None),
+                mean_diff=float(np.mean([r["diff"] for r in rows])),
+                met=all(abs(r["diff"]) <= EIGHTBIT_TOLERANCE for r in rows),
+                state_bytes=q8["state_bytes"], state_bytes_fp32=fp32["state_bytes"],
+                state_bytes_adamw=adamw["state_bytes"] if adamw else None, n_params=q8["n_params"])
 
 
 def summarize(data: dict) -> dict:
@@ -387,6 +484,8 @@ def summarize(data: dict) -> dict:
                                         val_curve=r["val_curve"])
                    for r in data["runs"] if r["optimizer"] in OPTIMIZERS and r["batch_tokens"] == small
                    and r["steps"] != cfg["steps"]}
+    if (eb := summarize_eightbit(data)) is not None:
+        out["eightbit"] = eb
     if "novograd" in out and "adamw" in out:
         out["state_ratio_novograd_adamw"] = out["novograd"]["state_bytes"] / out["adamw"]["state_bytes"]
         out["best_gap_novograd_minus_adamw"] = out["novograd"]["best_val_loss"] - out["adamw"]["best_val_loss"]
@@ -444,7 +543,9 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> None:
+def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None, main_jobs: list[dict] = ()) -> None:
+    """The results page. ``main_jobs``: results of benchmarks/eightbit_quality.py (8-bit on the main job, one per
+    engine), each with its claim row and section on the page."""
     s = data["summary"]
     cfg = data["config"]
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -492,6 +593,7 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
         f"{verdict(big and not big['diverged'] and big['monotone'])} |",
         f"| state bytes at most 0.51x AdamW's | {nv['state_bytes'] / 1e6:.2f} MB vs {aw['state_bytes'] / 1e6:.2f} MB: "
         f"{s['state_ratio_novograd_adamw']:.3f}x | {verdict(s['state_ratio_novograd_adamw'] <= 0.51)} |",
+        *eightbit_claim_rows(s.get("eightbit"), main_jobs, verdict),
         "",
         "## Per optimizer",
         "",
@@ -515,6 +617,8 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
         "",
         *[f"![{p.stem}]({p.name})" for p in pngs],
         "",
+        *eightbit_section(s.get("eightbit"), cfg),
+        *[line for mj in main_jobs for line in eightbit_main_section(mj)],
         "## What was tried where NovoGrad trails",
         "",
         f"At NovoGrad's best learning rate ({nv['best_lr']:.4g}; AdamW's parts at {aw['best_lr']:.4g}), "
@@ -532,6 +636,112 @@ def write_docs(data: dict, doc: Path, command: str, runtime_s: float | None) -> 
         *reading(data),
     ]
     doc.write_text("\n".join(lines))
+
+
+def eightbit_claim_rows(eb: dict | None, main_jobs: list[dict], verdict) -> list[str]:
+    rows = []
+    for where, e in (("this study", eb), *((f"the main job, {mj['summary']['engine']}", mj["summary"])
+                                          for mj in main_jobs)):
+        if not e:
+            continue
+        rows.append(
+            f"| 8-bit NovoGrad state within {e['tolerance']} of 32-bit at every rate and seed ({where}) | "
+            f"{len(e['rows'])} pairs ({len({r['lr'] for r in e['rows']})} rates x {len({r['seed'] for r in e['rows']})}"
+            f" seeds): largest difference {e['max_abs_diff']:.4f}, mean 8-bit minus 32-bit {e['mean_diff']:+.4f} | "
+            f"{verdict(e['met'])} |")
+    return rows
+
+
+def eightbit_table(e: dict) -> list[str]:
+    ctl = e.get("control_max_abs_diff") is not None
+    ctl_name = ", ".join(f"{k}={v}" for k, v in (e.get("control") or {}).items())
+    out = ["| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit |"
+           + (f" 8-bit, {ctl_name} | its minus 8-bit |" if ctl else ""),
+           "|---|---|---|---|---|" + ("---|---|" if ctl else "")]
+    for r in e["rows"]:
+        out.append(f"| {r['lr']:.4g} | {r['seed']} | {r['fp32']:.4f} | {r['q8']:.4f} | {r['diff']:+.4f} |"
+                   + (f" {r['q8_control']:.4f} | {r['q8_control'] - r['q8']:+.4f} |"
+                      if ctl and r.get("q8_control") is not None else " | |" if ctl else ""))
+    if e.get("seed_spread_fp32") is not None:
+        out += ["", "For scale: the two 32-bit seeds at one learning rate differ by up to "
+                f"{e['seed_spread_fp32']:.4f}; the 8-bit runs differ from their 32-bit twins by "
+                f"{e['max_abs_diff']:.4f} at most, 8-bit lower in {sum(r['diff'] < 0 for r in e['rows'])} of "
+                f"{len(e['rows'])} pairs (mean "
+                f"{e['mean_diff']:+.4f})."
+                + (f" The same 8-bit runs with another rounding stream ({ctl_name}) differ from the first by up to "
+                   f"{e['control_max_abs_diff']:.4f}." if ctl else "")]
+    return out
+
+
+def settings_text(e: dict) -> str:
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in e["settings"].items())
+
+
+def eightbit_section(eb: dict | None, cfg: dict) -> list[str]:
+    if not eb:
+        return []
+    return [
+        "## 8-bit NovoGrad state against 32-bit",
+        "",
+        f"`NovoGrad(..., {settings_text(eb)})` (the rest as in the sweep) at NovoGrad's best learning rate and its "
+        f"grid neighbours ({len({r['lr'] for r in eb['rows']})} rates), seeds "
+        f"{', '.join(str(x) for x in EIGHTBIT_SEEDS)}, {cfg['steps']} steps each; the 32-bit "
+        f"runs are the sweep's (seed 0) and their second seed. Final validation loss (nats/token), tolerance "
+        f"{eb['tolerance']}: {'met' if eb['met'] else '**not met**'} (largest difference {eb['max_abs_diff']:.4f}).",
+        "",
+        *eightbit_table(eb),
+        "",
+        *curve_text(eb, cfg),
+        f"State: 8-bit NovoGrad {eb['state_bytes'] / 1e6:.3f} MB, 32-bit {eb['state_bytes_fp32'] / 1e6:.3f} MB "
+        f"({eb['state_bytes'] / eb['state_bytes_fp32']:.3f}x), AdamW {eb['state_bytes_adamw'] / 1e6:.3f} MB "
+        f"({eb['state_bytes'] / eb['state_bytes_adamw']:.3f}x) for {eb['n_params'] / 1e6:.2f}M parameters: one byte "
+        "per element plus one fp32 scale per block and one fp32 second moment per tensor. Mean time per run: 8-bit "
+        f"{np.mean([r['q8_wall_s'] for r in eb['rows']]):.0f} s, 32-bit "
+        f"{np.mean([r['fp32_wall_s'] for r in eb['rows']]):.0f} s "
+        "(plain PyTorch on the CPU; the 32-bit runs at seed 0 come from the sweep, possibly another day's load).",
+        "",
+    ]
+
+
+def curve_text(eb: dict, cfg: dict) -> list[str]:
+    """How far apart the 8-bit and 32-bit validation curves are in the first half of the runs, against the end."""
+    if eb.get("half_max_abs_diff") is None:
+        return []
+    text = (f"Along the validation curves (every {cfg['eval_every']} steps) the 8-bit runs stay within "
+            f"{eb['half_max_abs_diff']:.4f} of their 32-bit twins up to step {eb['half_steps']}")
+    if eb["max_abs_diff"] > 2 * eb["half_max_abs_diff"]:
+        text += ("; the larger final differences open up later, as the runs leave the plateau near the unigram "
+                 "entropy at different steps (see the curves in `docs/data/study_results.json`).")
+    else:
+        text += "."
+    return [text, ""]
+
+
+def eightbit_main_section(mj: dict) -> list[str]:
+    """The main job's 8-bit comparison (benchmarks/eightbit_quality.py's results.json)."""
+    e, c = mj["summary"], mj["config"]
+    model = " ".join(c["extra_args"]) or "its default model"
+    return [
+        f"## 8-bit NovoGrad state on the main job: {e['engine']}",
+        "",
+        f"Command: `{mj['command']}` (results: a copy in `{mj.get('copy', 'OUT/results.json')}`; runtime "
+        f"{e['wall_s_total'] / 60:.0f} min on 2 CPU cores for "
+        f"{len(mj['runs'])} trainings). `python -m novograd_ds.train` at {model} ({e['n_params'] / 1e6:.2f}M "
+        f"parameters), {e['engine']}, {c['steps']} steps each (the cosine schedule over the run), the main job's "
+        f"default learning rate {c['lrs'][len(c['lrs']) // 2]:g} and its factor-2 neighbours, seeds "
+        f"{', '.join(str(x) for x in c['seeds'])}; the 8-bit runs add {settings_text(e)} to the optimizer params "
+        f"of the same DeepSpeed config. Best 32-bit rate of the three: {e['best_fp32_lr']:g}. Final validation loss "
+        f"(nats/token), tolerance {e['tolerance']}: {'met' if e['met'] else '**not met**'} (largest difference "
+        f"{e['max_abs_diff']:.4f}).",
+        "",
+        *eightbit_table(e),
+        "",
+        f"Optimizer state in the final checkpoint: 8-bit {e['state_bytes'] / 1e6:.2f} MB, 32-bit "
+        f"{e['state_bytes_fp32'] / 1e6:.2f} MB ({e['state_bytes'] / e['state_bytes_fp32']:.3f}x; AdamW's two fp32 "
+        f"moments would be {8 * e['n_params'] / 1e6:.2f} MB: {e['state_bytes'] / (8 * e['n_params']):.3f}x). Mean "
+        f"time per run (process start to end): 8-bit {e['q8_wall_s']:.0f} s, 32-bit {e['fp32_wall_s']:.0f} s.",
+        "",
+    ]
 
 
 def band_closed(r: dict) -> bool:
@@ -572,6 +782,30 @@ def sweep_text(r: dict) -> str:
     return ", ".join(cells)
 
 
+def band_ends_text(name: str, r: dict) -> str:
+    """Where a sweep's good band ends: the nearest grid point outside it on each side, or the grid's end."""
+    lo, hi = r["good_band"]
+    limit = r["best_val_loss"] + GOOD_BAND
+    pts = list(zip(r["grid"], r["grid_losses"]))
+    below = [(lr, v) for lr, v in pts if lr < lo]
+    above = [(lr, v) for lr, v in pts if lr > hi]
+
+    def outside(pt, word):
+        if pt is None:
+            return f"the end of the grid {word}"
+        lr, v = pt
+        return f"{lr:.3g} {word} ({'diverged' if not math.isfinite(v) else f'{v:.3f}'})"
+
+    text = (f"{name}'s band ({lo:.3g} to {hi:.3g}, losses up to {limit:.3f}) ends at "
+            f"{outside(below[-1] if below else None, 'below')} and {outside(above[0] if above else None, 'above')}")
+    # A sweep that dips again outside the band (a local minimum there): the closing rule needed the point beyond it.
+    dips = [(lr, v) for i, (lr, v) in enumerate(pts) if 0 < i < len(pts) - 1 and v > limit and math.isfinite(v)
+            and v < pts[i - 1][1] and v < pts[i + 1][1]]
+    for lr, v in dips:
+        text += f"; the sweep dips again at {lr:.3g} ({v:.3f}, {v - limit:.3f} outside the band) and rises beyond it"
+    return text + "."
+
+
 def reading(data: dict) -> list[str]:
     """The page's plain-words reading of the numbers; every figure in it comes from ``data``."""
     s, cfg = data["summary"], data["config"]
@@ -594,7 +828,9 @@ def reading(data: dict) -> list[str]:
            else "The band-width criterion is not met")
         + (" (both bands are closed at both ends: the grids reach rates outside them on each side)."
            if band_closed(nv) and band_closed(aw) else
-           f" (NovoGrad's band: {closed_text(nv)}; AdamW's: {closed_text(aw)})."))
+           f" (NovoGrad's band: {closed_text(nv)}; AdamW's: {closed_text(aw)}).")
+        + " " + " ".join(band_ends_text(n, s[key]) for n, key in (("NovoGrad", "novograd"), ("AdamW", "adamw"),
+                                                                   ("SGD", "sgd")) if key in s))
     if s.get("variants"):
         v = s["variants"]
         out.append(
@@ -624,6 +860,26 @@ def reading(data: dict) -> list[str]:
             f"{big['batch_tokens'] // (cfg['micro_batch'] * cfg['seq_len'])} micro-batches) at NovoGrad's best learning "
             f"rate, no warmup: no divergence, validation loss falling at every evaluation, final "
             f"{big['final_val_loss']:.3f}.")
+    eb = s.get("eightbit")
+    if eb:
+        within = sum(abs(r["diff"]) <= eb["tolerance"] for r in eb["rows"])
+        lower = sum(r["diff"] < 0 for r in eb["rows"])
+        text = (f"- **8-bit state.** Within {eb['tolerance']} of 32-bit in {within} of {len(eb['rows'])} pairs "
+                f"(largest difference {eb['max_abs_diff']:.3f}); the 8-bit run ends lower in {lower} of "
+                f"{len(eb['rows'])} (mean {eb['mean_diff']:+.3f})")
+        misses = [r["diff"] for r in eb["rows"] if abs(r["diff"]) > eb["tolerance"]]
+        text += ": where it misses, the 8-bit run is the better one. " if misses and max(misses) < 0 else ". "
+        noise = [f"the two 32-bit seeds differ by up to {eb['seed_spread_fp32']:.3f}"] \
+            if eb.get("seed_spread_fp32") is not None else []
+        if eb.get("control_max_abs_diff") is not None:
+            noise.append(f"another rounding stream moves an 8-bit run by up to {eb['control_max_abs_diff']:.3f}")
+        if noise:
+            text += (f"For scale, on this plateau near the unigram entropy {' and '.join(noise)}: a "
+                     f"{eb['tolerance']} tolerance on one run's final loss is "
+                     + ("below" if max(eb.get("seed_spread_fp32") or 0, eb.get("control_max_abs_diff") or 0)
+                        > eb["tolerance"] else "above")
+                     + " the run-to-run noise of this budget.")
+        out.append(text)
     out.append(
         f"- **Memory.** NovoGrad's state is {s['state_ratio_novograd_adamw']:.3f}x AdamW's: one moment per element "
         "plus one fp32 scalar per tensor, against two moments per element.")
@@ -640,6 +896,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a few steps and two grid points (what CI runs)")
     ap.add_argument("--steps", type=int, help="override the optimizer steps per run")
     ap.add_argument("--write-docs", type=Path, help="write the results page (and its PNG plots beside it)")
+    ap.add_argument("--main-job", type=Path, nargs="+",
+                    help="with --write-docs: results.json files of benchmarks/eightbit_quality.py (8-bit NovoGrad on "
+                         "the main job, one per engine), each a section of the page; keep a copy of each as "
+                         "docs/data/<its folder name>_results.json")
     args = ap.parse_args(argv)
     cfg = StudyConfig()
     if args.tiny:
@@ -652,7 +912,17 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in data["summary"].items() if k != "big_batch"}, indent=1))
     if args.write_docs:
         total = sum(r["wall_s"] for r in data["runs"])
-        write_docs(data, args.write_docs, "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), total)
+        main_jobs = []
+        for path in args.main_job or []:
+            if not path.is_file():
+                raise SystemExit(f"--main-job {path}: no such file; run benchmarks/eightbit_quality.py --out "
+                                 f"{path.parent} first, or leave it out")
+            main_jobs.append(dict(json.loads(path.read_text()), copy=f"docs/data/{path.parent.name}_results.json"))
+            if "summary" not in main_jobs[-1]:
+                raise SystemExit(f"--main-job {path}: not finished (no summary); rerun "
+                                 f"benchmarks/eightbit_quality.py with its --out to complete it")
+        command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+        write_docs(data, args.write_docs, command, total, main_jobs)
         print(f"wrote {args.write_docs}")
     return 0
 

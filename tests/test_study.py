@@ -77,8 +77,8 @@ def test_tiny_study_end_to_end(tmp_path):
     s = data["summary"]
     names = {r["optimizer"] for r in data["runs"]}
     assert names == {"novograd", "adamw", "sgd", "novograd+grad_averaging", "novograd_blocks+adamw_rest",
-                     "adamw_blocks+novograd_rest"}
-    assert set(s["variants"]) == names - {"novograd", "adamw", "sgd"}
+                     "adamw_blocks+novograd_rest", "novograd_8bit", "novograd_8bit_qseed1"}
+    assert set(s["variants"]) == names - {"novograd", "adamw", "sgd", "novograd_8bit", "novograd_8bit_qseed1"}
     assert set(s["long"]) == {"novograd", "adamw"}
     n_params = data["runs"][0]["n_params"]
     n_tensors_bytes = s["novograd"]["state_bytes"] - 4 * n_params
@@ -88,11 +88,40 @@ def test_tiny_study_end_to_end(tmp_path):
     assert s["sgd"]["state_bytes"] == 4 * n_params
     assert 0 < n_tensors_bytes < 4 * 100  # one fp32 scalar per tensor, fewer than 100 tensors
     assert s["state_ratio_novograd_adamw"] <= 0.51
+    # The 8-bit section: NovoGrad's best rate and its neighbours on the (two-point) tiny grid, both seeds, each 8-bit
+    # run against the 32-bit run of the same rate and seed (the sweep's own run at seed 0).
+    eb = s["eightbit"]
+    grid = s["novograd"]["grid"]
+    assert data["eightbit_lrs"] == grid and len(grid) == 2
+    assert eb["settings"] == {"state_bits": 8, "quant_map": "sqrt", "quant_rounding": "stochastic"}
+    assert sorted((r["lr"], r["seed"]) for r in eb["rows"]) == sorted((lr, sd) for lr in grid for sd in (0, 1))
+    runs = {(r["optimizer"], r["lr"], r["seed"]): r for r in data["runs"]
+            if not r["warmup"] and r["steps"] == data["config"]["steps"] and r["batch_tokens"] == 128}
+    for row in eb["rows"]:
+        r8, r32 = runs[("novograd_8bit", row["lr"], row["seed"])], runs[("novograd", row["lr"], row["seed"])]
+        assert r8["quant"] == eb["settings"]
+        assert r8["key"].endswith("|state_bits=8,quant_map=sqrt,quant_rounding=stochastic")
+        assert row["q8"] == r8["final_val_loss"] and row["fp32"] == r32["final_val_loss"]
+        assert row["diff"] == r8["final_val_loss"] - r32["final_val_loss"]
+        assert abs(row["diff"]) < 0.05  # 4 steps from the same start: the state's rounding barely shows yet
+        # The control: the same 8-bit run with another stochastic-rounding stream.
+        rc = runs[("novograd_8bit_qseed1", row["lr"], row["seed"])]
+        assert rc["quant"] == dict(eb["settings"], quant_seed=1) and row["q8_control"] == rc["final_val_loss"]
+    sweep_keys = [r["key"] for r in data["runs"] if r["optimizer"] == "novograd" and r["seed"] == 0]
+    assert len(sweep_keys) == len(set(sweep_keys))  # the sweep's 32-bit runs were reused, not run again
+    assert eb["met"] == all(abs(r["diff"]) <= 0.02 for r in eb["rows"])
+    # 8-bit: one byte per element, one fp32 scale per block, one fp32 per tensor: well under 32-bit's 4 bytes.
+    assert n_params < eb["state_bytes"] < 0.5 * eb["state_bytes_fp32"]
+    assert eb["state_bytes_fp32"] == s["novograd"]["state_bytes"]
+    assert eb["state_bytes_adamw"] == s["adamw"]["state_bytes"]
     for name in ("novograd", "adamw", "sgd"):
         assert s[name]["best_val_loss"] < 8.5  # ln(4096) = 8.32 at init; nothing diverged in 4 steps
     assert not s["big_batch"]["diverged"]
     page = doc.read_text()
     assert "| state bytes at most 0.51x AdamW's |" in page
     assert "## What was tried where NovoGrad trails" in page
+    assert "| 8-bit NovoGrad state within 0.02 of 32-bit at every rate and seed (this study) |" in page
+    assert "## 8-bit NovoGrad state against 32-bit" in page
+    assert "| learning rate | seed | 32-bit | 8-bit | 8-bit minus 32-bit | 8-bit, quant_seed=1 | its minus 8-bit |" in page
     assert (doc.parent / "study_lr_sweep.png").stat().st_size > 1000
     assert (doc.parent / "study_curves.png").stat().st_size > 1000
