@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
+from test_zero_traps import ds_cpu_workarounds  # DeepSpeed < 0.19.8's ZeRO-3 all-gather race on gloo (the CI matrix)
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -168,6 +169,7 @@ def assemble(per_rank, numels):
 def equivalence_worker(rank, world):
     import novograd_ds  # noqa: F401
 
+    ds_cpu_workarounds()
     out = {"ref": reference(world) if rank == 0 else None}
     for name, zero in CONFIGS.items():
         engine = new_engine(ds_config(world, zero, gas=1, clip=0.0))
@@ -199,7 +201,7 @@ def rel(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.deepspeed_matrix), 3])
 def test_zero_8bit_equals_one_process(world):
     results = run_ranks(equivalence_worker, world)
     ref_params, ref_codes = results[0]["ref"]
@@ -219,7 +221,8 @@ def test_zero_8bit_equals_one_process(world):
         for other in results[1:]:
             for n, t in r0["params"].items():
                 assert torch.equal(other[name]["params"][n], t), f"{name}: ranks disagree on {n}"
-    if world == 2:
+    # DeepSpeed before 0.19 runs bf16 without ZeRO through BF16_Optimizer too, on other gradients: no sharp comparison
+    if world == 2 and results[0]["bf16_unfused"]["wrapper"] == "FP16_UnfusedOptimizer":
         sharded = assemble([r["bf16_optimizer"]["codes"] for r in results], numels)
         whole = assemble([results[0]["bf16_unfused"]["codes"]], numels)
         diff = {n: int((sharded[n] != whole[n]).sum()) for n in numels}
@@ -236,6 +239,7 @@ CKPT = {"z2": dict(stage=2), "z3": dict(stage=3, sub_group_size=6000)}
 def ckpt_save_worker(rank, world, root):
     import novograd_ds  # noqa: F401
 
+    ds_cpu_workarounds()
     out = {}
     for name, zero in CKPT.items():
         cfg = ds_config(world, zero)
@@ -257,6 +261,7 @@ def ckpt_save_worker(rank, world, root):
 def ckpt_load_worker(rank, world, root, q8):
     import novograd_ds  # noqa: F401
 
+    ds_cpu_workarounds()
     out = {}
     for name, zero in CKPT.items():
         cfg = {**ds_config(world, zero, q8=q8), "checkpoint": {"load_universal": True}}
