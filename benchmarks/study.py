@@ -53,7 +53,7 @@ GOOD_BAND = 0.05        # a learning rate is "good" when its final validation lo
 MAX_GRID_EXTENSIONS = 8  # per side: points added beyond the starting grid (a factor 2^8) before the band is "not closed"
 # NOTE: [8-bit settings are explicit] The 8-bit runs pass every quantisation setting, so a change of NovoGrad's defaults
 # cannot silently change what a stored result measured; the settings are part of each 8-bit run's key and record.
-EIGHTBIT = dict(state_bits=8, quant_map="sqrt", quant_rounding="stochastic")
+EIGHTBIT = dict(state_bits=8, quant_map="linear", quant_rounding="stochastic")  # the defaults (docs/eightbit.md)
 EIGHTBIT_NAME = "novograd_8bit"  # a run's optimizer name: NovoGrad as in OPTIMIZERS["novograd"], plus EIGHTBIT
 EIGHTBIT_TOLERANCE = 0.02        # issue #14: 8-bit final validation loss within this of 32-bit, every rate and seed
 EIGHTBIT_SEEDS = (0, 1)

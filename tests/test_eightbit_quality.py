@@ -33,7 +33,7 @@ def test_config_with_quantisation_settings_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="needs \"NovoGrad\""):
         quality.base_config(path)
     made = quality.with_bits({"optimizer": {"type": "NovoGrad", "params": {"lr": 0.01}}}, 8)
-    assert made["optimizer"]["params"] == {"lr": 0.01, "state_bits": 8, "quant_map": "sqrt",
+    assert made["optimizer"]["params"] == {"lr": 0.01, "state_bits": 8, "quant_map": "linear",
                                            "quant_rounding": "stochastic"}
 
 
@@ -51,7 +51,7 @@ def test_tiny_main_job_comparison(tmp_path):
         assert r["optimizer"] == "novograd_ds.optimizer.NovoGrad"
         assert r["final_val_loss"] < r["initial_val_loss"]
     cfg8 = json.loads((out / "runs" / "8_0.01_0" / "ds_config.json").read_text())
-    assert cfg8["optimizer"]["params"]["state_bits"] == 8 and cfg8["optimizer"]["params"]["quant_map"] == "sqrt"
+    assert cfg8["optimizer"]["params"]["state_bits"] == 8 and cfg8["optimizer"]["params"]["quant_map"] == "linear"
     assert "state_bits" not in json.loads((out / "runs" / "32_0.01_0" / "ds_config.json").read_text())["optimizer"][
         "params"]
     # State counted from the checkpoints: 32-bit one fp32 per element (+ one per tensor); 8-bit one byte per element

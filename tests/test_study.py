@@ -93,14 +93,14 @@ def test_tiny_study_end_to_end(tmp_path):
     eb = s["eightbit"]
     grid = s["novograd"]["grid"]
     assert data["eightbit_lrs"] == grid and len(grid) == 2
-    assert eb["settings"] == {"state_bits": 8, "quant_map": "sqrt", "quant_rounding": "stochastic"}
+    assert eb["settings"] == {"state_bits": 8, "quant_map": "linear", "quant_rounding": "stochastic"}
     assert sorted((r["lr"], r["seed"]) for r in eb["rows"]) == sorted((lr, sd) for lr in grid for sd in (0, 1))
     runs = {(r["optimizer"], r["lr"], r["seed"]): r for r in data["runs"]
             if not r["warmup"] and r["steps"] == data["config"]["steps"] and r["batch_tokens"] == 128}
     for row in eb["rows"]:
         r8, r32 = runs[("novograd_8bit", row["lr"], row["seed"])], runs[("novograd", row["lr"], row["seed"])]
         assert r8["quant"] == eb["settings"]
-        assert r8["key"].endswith("|state_bits=8,quant_map=sqrt,quant_rounding=stochastic")
+        assert r8["key"].endswith("|state_bits=8,quant_map=linear,quant_rounding=stochastic")
         assert row["q8"] == r8["final_val_loss"] and row["fp32"] == r32["final_val_loss"]
         assert row["diff"] == r8["final_val_loss"] - r32["final_val_loss"]
         assert abs(row["diff"]) < 0.05  # 4 steps from the same start: the state's rounding barely shows yet
