@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
-from test_zero_traps import ds_cpu_workarounds  # DeepSpeed < 0.19.8's ZeRO-3 all-gather race on gloo (the CI matrix)
+from test_zero_traps import ds_version
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -166,12 +166,19 @@ def assemble(per_rank, numels):
     return full
 
 
+def configs_here():
+    """CONFIGS, less ZeRO-3 before DeepSpeed 0.19.8 (the CI matrix): its coalesced parameter all-gather waits on the
+    last handle only, and on gloo the forward pass can read a parameter before its gather landed (tests/
+    test_zero_traps.py ds_cpu_workarounds; seen here with 32-bit NovoGrad too: ranks disagree in 2 runs of 5 under
+    0.16.9). The trap tests cover ZeRO-3 there with that workaround."""
+    return {n: z for n, z in CONFIGS.items() if ds_version() >= (0, 19, 8) or z.get("stage") != 3}
+
+
 def equivalence_worker(rank, world):
     import novograd_ds  # noqa: F401
 
-    ds_cpu_workarounds()
     out = {"ref": reference(world) if rank == 0 else None}
-    for name, zero in CONFIGS.items():
+    for name, zero in configs_here().items():
         engine = new_engine(ds_config(world, zero, gas=1, clip=0.0))
         run_steps(engine, rank, world, range(STEPS), gas=1, data_rank=rank if world == 2 else 0)
         opt = engine.basic_optimizer
@@ -203,11 +210,15 @@ def rel(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.deepspeed_matrix), 3])
 def test_zero_8bit_equals_one_process(world):
+    if ds_version()[:2] == (0, 18):
+        pytest.skip("DeepSpeed 0.18 (seen in 0.18.9) fails this model's ZeRO-1/2 step in its partition all-gather "
+                    "(RuntimeError: Output 0 of Split is a view and is being modified inplace), with 32-bit NovoGrad "
+                    "too; tests/test_zero_traps.py covers 0.18 with its own model")
     results = run_ranks(equivalence_worker, world)
     ref_params, ref_codes = results[0]["ref"]
     numels = {n: c.numel() for n, c in ref_codes.items()}
     assert set(numels) == {"l1.weight", "l2.weight"}
-    for name in CONFIGS:
+    for name in configs_here():
         r0 = results[0][name]
         assert r0["map"] == "sqrt"
         err = rel(r0["params"], ref_params)
@@ -221,8 +232,10 @@ def test_zero_8bit_equals_one_process(world):
         for other in results[1:]:
             for n, t in r0["params"].items():
                 assert torch.equal(other[name]["params"][n], t), f"{name}: ranks disagree on {n}"
-    # DeepSpeed before 0.19 runs bf16 without ZeRO through BF16_Optimizer too, on other gradients: no sharp comparison
-    if world == 2 and results[0]["bf16_unfused"]["wrapper"] == "FP16_UnfusedOptimizer":
+    # The sharp comparison needs BF16_Optimizer's partitions against FP16_UnfusedOptimizer's whole tensors: DeepSpeed
+    # 0.16 runs bf16 without ZeRO through BF16_Optimizer too, 0.17-0.18 bf16 at stage 1 through FP16_UnfusedOptimizer
+    wrappers = (results[0]["bf16_optimizer"]["wrapper"], results[0]["bf16_unfused"]["wrapper"]) if world == 2 else ()
+    if wrappers == ("BF16_Optimizer", "FP16_UnfusedOptimizer"):
         sharded = assemble([r["bf16_optimizer"]["codes"] for r in results], numels)
         whole = assemble([results[0]["bf16_unfused"]["codes"]], numels)
         diff = {n: int((sharded[n] != whole[n]).sum()) for n in numels}
@@ -239,7 +252,6 @@ CKPT = {"z2": dict(stage=2), "z3": dict(stage=3, sub_group_size=6000)}
 def ckpt_save_worker(rank, world, root):
     import novograd_ds  # noqa: F401
 
-    ds_cpu_workarounds()
     out = {}
     for name, zero in CKPT.items():
         cfg = ds_config(world, zero)
@@ -261,7 +273,6 @@ def ckpt_save_worker(rank, world, root):
 def ckpt_load_worker(rank, world, root, q8):
     import novograd_ds  # noqa: F401
 
-    ds_cpu_workarounds()
     out = {}
     for name, zero in CKPT.items():
         cfg = {**ds_config(world, zero, q8=q8), "checkpoint": {"load_universal": True}}
