@@ -32,7 +32,7 @@ from .checkpoint import COMPACT, COMPACT_FORMAT, CheckpointError, compact_entry,
 from .kernels import KernelBackend, SegmentTable
 from .kernels import eightbit as eb
 from .quantized import (CODES, Q8_KEYS, SCALES, SMALL, FlatQ8, RunGeometry, SlotMap, check_state_bits,
-                        dequantize_run, is_quantized, q8_config, quantize_into, shared_blocks)
+                        dequantize_run, is_quantized, q8_config, quantize_into, run_boundary_max, shared_blocks)
 from .kernels.foreach import ForeachBackend
 from .kernels.reference import ReferenceBackend
 from .sharding import (FlatLayout, LayerReduction, ParamShard, compact_layer_values, group_spans, reduce_layer_max,
@@ -450,17 +450,9 @@ class NovoGrad(Optimizer):
         state[SCALES] = torch.zeros(eb.n_blocks(geom.start, codes.numel()), dtype=torch.float32, device=codes.device)
         boundary = None
         if shard is not None and geom.cuts:
-            flat = local_m.reshape(-1).to(torch.float32)
-            n = flat.numel()
-            first, end = eb.block_range(geom.start, n)
-            fp, lp = eb.partial_ends(geom.start, n, geom.numel)
-            vals = torch.zeros(2, dtype=torch.float32, device=flat.device)
-            if n and fp:
-                vals[0] = flat[: min(n, (first + 1) * eb.BLOCK - geom.start)].abs().max()
-            if n and lp:
-                vals[1] = flat[max(0, (end - 1) * eb.BLOCK - geom.start):].abs().max()
+            vals = run_boundary_max(local_m, geom.start, geom.numel)
             slots = SlotMap([(geom.numel, geom.cuts)])
-            pair = torch.tensor([slots.pair(0, geom.start, n)], dtype=torch.long)
+            pair = torch.tensor([slots.pair(0, geom.start, local_m.numel())], dtype=torch.long)
             vec = SlotMap.gather(vals.reshape(1, 2), pair, slots.n)
             vec = reduce_layer_sums([(vec, tuple(shard.reductions))], op=torch.distributed.ReduceOp.MAX)[0]
             boundary = SlotMap.scatter(vec, pair)[0]

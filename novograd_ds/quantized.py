@@ -29,7 +29,7 @@ from torch import Tensor
 from .kernels import eightbit as eb
 
 __all__ = ["CODES", "SCALES", "SMALL", "Q8_KEYS", "q8_config", "is_quantized", "shared_blocks", "SlotMap",
-           "RunGeometry", "check_state_bits", "FlatQ8", "dequantize_flat_fragment"]
+           "RunGeometry", "check_state_bits", "FlatQ8", "dequantize_flat_fragment", "run_boundary_max"]
 
 CODES, SCALES, SMALL = "exp_avg_codes", "exp_avg_scales", "exp_avg_small"
 #: State keys of the 8-bit moment (their dtypes are kept as they are by NovoGrad.load_state_dict).
@@ -120,6 +120,21 @@ class SlotMap:
         if bool(valid.any()):
             out[valid] = vec.index_select(0, pairs[valid])
         return out
+
+
+def run_boundary_max(m: Tensor, start: int, layer_numel: int) -> Tensor:
+    """``[2]`` fp32: max ``|m|`` over the run's partial first / last block (0 for an end that is not partial), where a
+    run ``m`` (this rank's piece of a layer, starting at ``start``) shares blocks with other ranks."""
+    flat = m.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    out = torch.zeros(2, dtype=torch.float32, device=flat.device)
+    first, end = eb.block_range(start, n)
+    fp, lp = eb.partial_ends(start, n, layer_numel)
+    if fp:
+        out[0] = flat[: min(n, (first + 1) * eb.BLOCK - start)].abs().max()
+    if lp:
+        out[1] = flat[max(0, (end - 1) * eb.BLOCK - start):].abs().max()
+    return out
 
 
 def quantize_into(m: Tensor, codes: Tensor, scales: Tensor, geom: RunGeometry, q8: eb.Q8Config,
@@ -253,14 +268,7 @@ class FlatQ8:
         t = self.table
         boundary = torch.zeros(len(t), 2, dtype=torch.float32)
         for r, (o, n) in enumerate(zip(t.offsets, t.lengths)):
-            start, numel = t.runs.starts[r], t.runs.layer_numels[r]
-            first, end = eb.block_range(start, n)
-            fp, lp = eb.partial_ends(start, n, numel)
-            if fp:
-                boundary[r, 0] = m.narrow(0, o, min(n, (first + 1) * eb.BLOCK - start)).abs().max()
-            if lp:
-                lo = max(0, (end - 1) * eb.BLOCK - start)
-                boundary[r, 1] = m.narrow(0, o + lo, n - lo).abs().max()
+            boundary[r] = run_boundary_max(m.narrow(0, o, n), t.runs.starts[r], t.runs.layer_numels[r]).cpu()
         if self.n_slots:
             vec = reduce_max(SlotMap.gather(boundary, self.pairs, self.n_slots))
             boundary = SlotMap.scatter(vec.to("cpu"), self.pairs)

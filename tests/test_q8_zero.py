@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
+from test_zero import full_params
+from test_zero import rel_err as rel
 from test_zero_traps import ds_version
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -123,17 +125,6 @@ def run_steps(engine, rank, world, steps, gas=GAS, data_rank=None):
             engine.step()
 
 
-def full_params(engine):
-    out = {}
-    for n, p in engine.module.named_parameters():
-        if engine.zero_optimization_stage() == 3:
-            with deepspeed.zero.GatheredParameters([p]):
-                out[n] = p.detach().float().clone()
-        else:
-            out[n] = p.detach().float().clone()
-    return out
-
-
 def layer_codes(engine):
     """This rank's codes by parameter name: ``{name: [(start in layer, codes)]}`` (a flat's rows, or whole tensors)."""
     opt = engine.basic_optimizer
@@ -201,10 +192,6 @@ def equivalence_worker(rank, world):
                          "shared_blocks": sum(q.n_slots for q in opt._flat_q8.values())}
             del engine
     return out
-
-
-def rel(a, b):
-    return max(float((a[n] - b[n]).norm() / b[n].norm()) for n in b)
 
 
 @pytest.mark.slow
